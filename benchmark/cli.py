@@ -1,0 +1,174 @@
+"""Command line: ``run_benchmark.py`` parses arguments into run specs and hands them to the runner.
+
+    python run_benchmark.py                                   # embedded default benchmark (synthetic, CPU)
+    python run_benchmark.py --methods cisdq plop --protocol ade-100-5
+    python run_benchmark.py --list protocols
+    python run_benchmark.py report results/
+
+User errors (unknown names, missing data, impossible devices) print ``error: ...`` and a hint, exit 2,
+and never show a traceback; everything already written stays on disk (runs resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from benchmark.errors import UserError
+
+DEFAULT_PROTOCOL = "synth-10-5"
+DEFAULT_SEEDS = (0,)
+
+
+def _default_data_root() -> str:
+    return os.environ.get("DETECTRON2_DATASETS", "datasets")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_benchmark.py",
+        description="Train and evaluate continual segmentation methods on standard protocols; "
+                    "with no arguments, run the embedded synthetic benchmark on the CPU.",
+        epilog="Subcommand: run_benchmark.py report RESULTS_DIR [--out DIR] writes tables and plots.",
+    )
+    p.add_argument("--methods", nargs="+", metavar="M", help="methods to run (default: all, plus joint)")
+    p.add_argument("--protocol", "--protocols", nargs="+", dest="protocols", metavar="P",
+                   help=f"protocol name(s), e.g. ade-100-5, voc-15-1@b, synth-10-2 (default: {DEFAULT_PROTOCOL})")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds (default: 0)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding the datasets (default: $DETECTRON2_DATASETS or datasets/)")
+    p.add_argument("--dataset", choices=("real", "synth"), default="real",
+                   help="synth: run the protocols' class structure on synthetic data of that size")
+    p.add_argument("--engine", default=None, metavar="PRESET",
+                   help="model preset: tiny (CPU default), mid, r50, r101, swin-t, swin-b")
+    p.add_argument("--schedule", default=None, help="cpu (default without CUDA), paper, cisdq-paper")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", default="results", help="results folder (default: results/)")
+    p.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE", default=[],
+                   help="typed override, e.g. increment.iterations=50, method.kd_weight=10, data.workers=2")
+    p.add_argument("--backbone-weights", default=None, metavar="PATH",
+                   help="pretrained backbone: HF folder, torchvision .pth or detectron2 .pkl")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (joblib processes; one GPU each)")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per job")
+    p.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job")
+    p.add_argument("--slurm-folder", default=None, help="submitit log folder (default: <out>/slurm)")
+    p.add_argument("--dry-run", action="store_true", help="print steps, classes, image counts and run ids")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run folder whose recorded configuration differs from this command")
+    p.add_argument("--no-report", action="store_true", help="do not write the report after the runs")
+    p.add_argument("--list", choices=("protocols", "methods"), help="list what is available and exit")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _list(what: str) -> None:
+    if what == "protocols":
+        from protocols import describe_protocols
+        from tabulate import tabulate
+
+        rows = [(d["name"], d["dataset"], d["task"], d["mode"], d["num_steps"], d["num_classes"],
+                 " + ".join(str(len(s)) for s in d["steps"]) if len(d["steps"]) <= 12 else
+                 f"{len(d['steps'][0])} + {len(d['steps']) - 1} x {len(d['steps'][1])}")
+                for d in describe_protocols()]
+        print(tabulate(rows, headers=["protocol", "dataset", "task", "mode", "steps", "classes", "classes per step"]))
+        print("\nAny <dataset>-<base>-<inc>[-disjoint][@order] works too (orders: b, c, ..., rand<N>).")
+    else:
+        from methods import available_methods, get_method_class
+        from tabulate import tabulate
+
+        rows = []
+        for name in available_methods():
+            cls = get_method_class(name)
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+            rows.append((name, doc[0] if doc else ""))
+        print(tabulate(rows, headers=["method", "description"]))
+
+
+def specs_from_args(args: argparse.Namespace):
+    from benchmark.config import parse_set_options
+    from benchmark.runner import RunSpec, default_methods, resolve_device_name
+    from methods import get_method_class
+    from protocols import get_protocol
+
+    methods = args.methods or default_methods()
+    for m in methods:
+        get_method_class(m)                     # unknown names fail before anything starts
+    protocols = args.protocols or [DEFAULT_PROTOCOL]
+    names = []
+    for name in protocols:
+        proto = get_protocol(name)
+        if args.dataset == "synth" and not proto.dataset.startswith("synth"):
+            proto = proto.on_synthetic()
+        names.append(proto.name)
+    device = resolve_device_name(args.device)
+    synthetic = all(n.startswith("synth") or n.endswith("~synth") for n in names)
+    schedule = args.schedule or ("paper" if device == "cuda" and not synthetic else "cpu")
+    engine = args.engine or ("tiny" if schedule == "cpu" else "r50")
+    overrides = parse_set_options(args.overrides)
+    frozen_overrides = tuple(sorted((s, tuple(sorted(kv.items()))) for s, kv in overrides.items()))
+    specs = [
+        RunSpec(method=m, protocol=p, seed=s, engine=engine, schedule=schedule,
+                data_root=args.data_root or _default_data_root(), device=device, out=args.out,
+                overrides=frozen_overrides, backbone_weights=args.backbone_weights,
+                overwrite=args.overwrite)
+        for p in names for m in methods for s in (args.seeds or DEFAULT_SEEDS)
+    ]
+    return specs
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "report":
+            from benchmark.report import report_main
+
+            return report_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.verbose)
+        from benchmark.engine.device import check_torchvision
+
+        check_torchvision()
+        if args.list:
+            _list(args.list)
+            return 0
+        specs = specs_from_args(args)
+        if args.dry_run:
+            from benchmark.runner import describe_plan
+
+            print(describe_plan(specs))
+            return 0
+        from benchmark.parallel import run_grid
+
+        run_dirs = run_grid(specs, jobs=args.jobs, launcher=args.launcher, slurm=dict(
+            partition=args.slurm_partition, time=args.slurm_time, gpus=args.slurm_gpus,
+            folder=args.slurm_folder or str(Path(args.out) / "slurm")))
+        if run_dirs and not args.no_report and _is_main_process():
+            from benchmark.report import write_report
+            from benchmark.runner import print_final_summary
+
+            report_dir = write_report(Path(args.out))
+            print_final_summary(Path(args.out), specs)
+            print(f"\nreport: {report_dir}")
+        return 0
+    except UserError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished steps are kept; run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
