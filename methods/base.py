@@ -99,6 +99,10 @@ class Method:
         return cls(hp.with_overrides(overrides or {}))
 
     # --- hooks ---------------------------------------------------------------------------------
+    def initial_layout(self, protocol: "Protocol", preset) -> list[tuple[int, int]]:
+        """Query groups of the step-0 model as (num_queries, num_columns): one standard group."""
+        return [(preset.num_queries, len(protocol.steps[0]))]
+
     def configure_model(self, model, ctx: StepContext) -> None:
         """Grow the class head to the step's seen columns (default initialisation of new rows)."""
         model.grow_head(ctx.num_seen)
