@@ -110,16 +110,19 @@ def available_protocols() -> list[str]:
 def describe_protocols() -> list[dict[str, Any]]:
     """One row per available protocol (for ``run_benchmark.py --list protocols``).
 
-    Keys: name, dataset, task, mode, order, steps (number of steps), classes (number of classes),
-    sizes (classes per step, e.g. '101+10x5' with VOC's background counted) and aliases.
+    Keys: name, dataset, task, mode, order, steps (the native ids of each step, lists), num_steps,
+    classes and num_classes (both the number of classes: ``classes`` as the spec names it,
+    ``num_classes`` as benchmark/cli.py reads it), sizes (classes per step, e.g. '100+10x5', VOC's
+    background counted) and aliases (other accepted spellings, comma-separated).
     """
     rows = []
     for name in available_protocols():
         p = get_protocol(name)
         rows.append({
             "name": p.name, "dataset": p.dataset, "task": p.task, "mode": p.mode, "order": p.order,
-            "steps": p.num_steps, "classes": len(p.all_classes), "sizes": _format_sizes(p.step_sizes),
-            "aliases": ", ".join(_aliases_of(p.name)),
+            "steps": [list(step) for step in p.steps], "num_steps": p.num_steps,
+            "classes": len(p.all_classes), "num_classes": len(p.all_classes),
+            "sizes": _format_sizes(p.step_sizes), "aliases": ", ".join(_aliases_of(p.name)),
         })
     return rows
 

@@ -378,7 +378,9 @@ def test_describe_protocols_rows():
     rows = {row["name"]: row for row in describe_protocols()}
     assert set(rows) == set(available_protocols())
     assert rows["voc-15-1"] == {"name": "voc-15-1", "dataset": "voc", "task": "semantic", "mode": "overlap",
-                                "order": "default", "steps": 6, "classes": 21, "sizes": "16+1x5",
+                                "order": "default", "steps": [list(r(0, 15)), [16], [17], [18], [19], [20]],
+                                "num_steps": 6, "classes": 21, "num_classes": 21, "sizes": "16+1x5",
                                 "aliases": "voc-15-5s"}
+    assert json.loads(json.dumps(rows["voc-15-1"])) == rows["voc-15-1"]
     assert rows["ade-100-50"]["sizes"] == "100+50" and rows["coco-joint"]["aliases"] == "coco-offline"
     assert rows["ade-inst-50-5"]["task"] == "instance" and rows["ade-inst-50-5"]["classes"] == 100
