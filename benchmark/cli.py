@@ -71,11 +71,10 @@ def _list(what: str) -> None:
         from protocols import describe_protocols
         from tabulate import tabulate
 
-        rows = [(d["name"], d["dataset"], d["task"], d["mode"], d["num_steps"], d["num_classes"],
-                 " + ".join(str(len(s)) for s in d["steps"]) if len(d["steps"]) <= 12 else
-                 f"{len(d['steps'][0])} + {len(d['steps']) - 1} x {len(d['steps'][1])}")
+        rows = [(d["name"], d["dataset"], d["task"], d["mode"], d["num_steps"], d["num_classes"], d["sizes"],
+                 d["aliases"] if isinstance(d["aliases"], str) else ", ".join(d["aliases"]))
                 for d in describe_protocols()]
-        print(tabulate(rows, headers=["protocol", "dataset", "task", "mode", "steps", "classes", "classes per step"]))
+        print(tabulate(rows, headers=["protocol", "dataset", "task", "mode", "steps", "classes", "classes per step", "aliases"]))
         print("\nAny <dataset>-<base>-<inc>[-disjoint][@order] works too (orders: b, c, ..., rand<N>).")
     else:
         from methods import available_methods, get_method_class
@@ -90,8 +89,8 @@ def _list(what: str) -> None:
 
 
 def specs_from_args(args: argparse.Namespace):
-    from benchmark.config import parse_set_options
-    from benchmark.runner import RunSpec, default_methods, resolve_device_name
+    from benchmark.config import check_sections, parse_set_options
+    from benchmark.runner import OVERRIDE_SECTIONS, RunSpec, default_methods, resolve_device_name
     from methods import get_method_class
     from protocols import get_protocol
 
@@ -110,6 +109,7 @@ def specs_from_args(args: argparse.Namespace):
     schedule = args.schedule or ("paper" if device == "cuda" and not synthetic else "cpu")
     engine = args.engine or ("tiny" if schedule == "cpu" else "r50")
     overrides = parse_set_options(args.overrides)
+    check_sections(overrides, OVERRIDE_SECTIONS)
     frozen_overrides = tuple(sorted((s, tuple(sorted(kv.items()))) for s, kv in overrides.items()))
     specs = [
         RunSpec(method=m, protocol=p, seed=s, engine=engine, schedule=schedule,
