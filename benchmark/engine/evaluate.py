@@ -1,0 +1,143 @@
+"""The evaluation loop: a model over a validation loader -> a confusion matrix or COCO detections.
+
+Every validation image is evaluated at every step (protocols.md) with the shared inference of
+:mod:`benchmark.engine.inference`. Semantic: one confusion matrix over *all* the dataset's classes
+(``class_ids`` = the protocol's native ids, ascending; rows = ground truth, columns = prediction; pixels whose
+ground truth is not a class, e.g. void 255 or ADE's 0, are ignored), computed at the original image size.
+The model predicts only the ``num_seen`` columns learned so far; they are mapped to native ids through
+``protocol.class_order``. Instance: COCO-format results (RLE masks, native category ids, scores) for the
+pycocotools evaluation of :mod:`benchmark.metrics`.
+
+Under ``torch.distributed`` every rank evaluates every ``world_size``-th image (this function shards the
+loader itself, so duplicates that a padding sampler would add cannot be counted); the confusion matrices are
+summed over ranks and the detections gathered on rank 0 (other ranks return an empty list).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, IterableDataset, Subset
+from tqdm import tqdm
+
+from benchmark.batch import EvalSample
+from benchmark.engine.inference import instance_inference, semantic_inference
+from benchmark.errors import ConfigError
+from benchmark.metrics import confusion_update, index_lookup, masks_to_coco_results, native_to_index, new_confusion
+from benchmark.metrics import reduce_confusion
+
+TASKS = ("semantic", "instance")
+
+
+@dataclass
+class EvalResult:
+    """The raw evaluation output of one step.
+
+    semantic: ``confusion`` [N, N] int64 (rows = ground truth, columns = prediction, both indexed like
+    ``class_ids``); instance: ``detections`` (COCO results format, native category ids, RLE masks).
+    """
+
+    task: str
+    step: int
+    class_ids: tuple[int, ...]
+    num_images: int
+    confusion: np.ndarray | None = None
+    detections: list[dict] = field(default_factory=list)
+
+
+def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int, device: torch.device | str,
+             task: str, *, top_k: int = 100, score_threshold: float = 0.0, mask_mode: str = "sigmoid",
+             progress: bool = True) -> EvalResult:
+    """Run ``model`` (a SegModel, possibly DDP-wrapped) on every EvalSample of ``loader``.
+
+    ``top_k`` / ``score_threshold``: instance inference (Mask2Former keeps the top 100 pairs, no threshold).
+    ``mask_mode``: "softmax" for models trained with CoMFormer's softmax-over-queries criterion.
+    The model is put in eval mode for the loop and restored to its previous mode afterwards.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown evaluation task {task!r}", hint=f"use one of {', '.join(TASKS)}")
+    device = torch.device(device)
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    num_seen = len(protocol.seen(step))
+    class_ids = tuple(protocol.all_classes)
+    seen_ids = torch.as_tensor(protocol.class_order[:num_seen], dtype=torch.int64)
+    lookup = index_lookup(class_ids, device)
+    column_to_row = lookup[seen_ids.to(device)]
+    rank, world = _rank_and_world()
+
+    matrix = new_confusion(len(class_ids), device) if task == "semantic" else None
+    detections: list[dict] = []
+    count = 0
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            for sample in _progress(_shard(loader, rank, world), progress and rank == 0):
+                outputs = net(sample.pixel_values[None].to(device, non_blocking=True))
+                if outputs.num_columns != num_seen:
+                    raise ValueError(f"the model predicts {outputs.num_columns} class columns but step {step} of "
+                                     f"{protocol.name} has {num_seen} seen classes")
+                class_probs = outputs.class_probs()[0]
+                mask_logits = outputs.mask_logits()[0]
+                input_size = tuple(sample.pixel_values.shape[-2:])
+                out_size = tuple(int(s) for s in sample.orig_size)
+                if task == "semantic":
+                    columns = semantic_inference(class_probs, mask_logits, input_size, out_size, mask_mode=mask_mode)
+                    target = native_to_index(torch.as_tensor(np.asarray(sample.target), device=device), lookup)
+                    confusion_update(matrix, column_to_row[columns], target, len(class_ids))
+                else:
+                    scores, columns, masks = instance_inference(class_probs, mask_logits, input_size, out_size,
+                                                                top_k, score_threshold, mask_mode=mask_mode)
+                    detections.extend(masks_to_coco_results(sample.image_id, scores.cpu().tolist(),
+                                                            seen_ids[columns.cpu()].tolist(), masks.cpu().numpy()))
+                count += 1
+    finally:
+        net.train(was_training)
+
+    if world > 1:
+        count_tensor = torch.tensor([count], dtype=torch.int64, device=device)
+        dist.all_reduce(count_tensor)
+        count = int(count_tensor.item())
+        if matrix is not None:
+            reduce_confusion(matrix)
+        else:
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(detections, gathered, dst=0)
+            detections = [d for part in gathered for d in part] if rank == 0 else []
+    confusion = matrix.cpu().numpy() if matrix is not None else None
+    return EvalResult(task, step, class_ids, count, confusion, detections)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(loader: Iterable[EvalSample], rank: int, world: int) -> Iterable[EvalSample]:
+    """This rank's images: every ``world``-th one starting at ``rank``.
+
+    A DataLoader over a map-style dataset is rebuilt over the rank's subset so that other ranks' images are
+    never loaded; any other iterable is filtered.
+    """
+    if world == 1:
+        return loader
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) \
+            and hasattr(loader.dataset, "__len__"):
+        subset = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+        return DataLoader(subset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+    return (sample for i, sample in enumerate(loader) if i % world == rank)
+
+
+def _progress(samples: Iterable[EvalSample], enabled: bool) -> Iterator[EvalSample]:
+    total = len(samples) if hasattr(samples, "__len__") else None
+    return iter(tqdm(samples, total=total, desc="eval", unit="img", leave=False,
+                     disable=not (enabled and sys.stderr.isatty())))

@@ -1,0 +1,93 @@
+"""Semantic and instance inference shared by every method (Mask2Former's post-processing).
+
+Both functions take one image's ``class_probs`` [Q, K] in global class columns with no-object dropped
+(``ModelOutputs.class_probs()``: for query groups each query's softmax runs over its own group's head) and
+its mask logits [Q, h, w] at 1/4 of the (padded) input resolution. As in Mask2Former
+(facebookresearch/Mask2Former ``maskformer_model.py``: ``F.interpolate`` to the padded input size, then
+``sem_seg_postprocess``), mask logits are upsampled bilinearly to the padded input size, cropped to the valid
+input region and resized bilinearly to the original image size before anything else.
+
+``mask_mode="softmax"`` (CoMFormer's engine variant) replaces the per-query sigmoid by a softmax over the
+queries at each pixel; an instance mask is then the pixels where that probability exceeds 0.5 (the sigmoid
+rule ``logit > 0`` is the same threshold on the sigmoid).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Size = tuple[int, int]
+
+
+def resize_mask_logits(mask_logits: Tensor, input_size: Size, out_size: Size, padded_size: Size | None = None) -> Tensor:
+    """[Q, h, w] mask logits -> [Q, H, W] float32 at the original image size.
+
+    ``input_size`` is the valid (unpadded) region of the network input, ``padded_size`` the full input
+    (default: no padding), ``out_size`` the original image size.
+    """
+    padded = tuple(padded_size) if padded_size is not None else tuple(input_size)
+    x = F.interpolate(mask_logits[None].float(), size=padded, mode="bilinear", align_corners=False)
+    x = x[:, :, : input_size[0], : input_size[1]]
+    if tuple(out_size) != tuple(input_size):
+        x = F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return x[0]
+
+
+def _mask_probs(logits: Tensor, mask_mode: str) -> Tensor:
+    if mask_mode == "sigmoid":
+        return logits.sigmoid()
+    if mask_mode == "softmax":
+        return logits.softmax(dim=0)
+    raise ValueError(f"unknown mask_mode {mask_mode!r}: use 'sigmoid' or 'softmax'")
+
+
+def semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
+                       padded_size: Size | None = None, mask_mode: str = "sigmoid") -> Tensor:
+    """[H, W] int64 class columns: per pixel ``argmax_c sum_q p(c | q) * mask_q`` (Mask2Former semantic inference)."""
+    _check(class_probs, mask_logits)
+    masks = _mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)
+    scores = torch.einsum("qk,qhw->khw", class_probs.float(), masks)
+    return scores.argmax(dim=0)
+
+
+def instance_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size,
+                       top_k: int = 100, score_threshold: float = 0.0, *, padded_size: Size | None = None,
+                       mask_mode: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
+    """Mask2Former's instance inference: ``(scores [n], columns [n], masks [n, H, W] bool)``, best first.
+
+    The ``top_k`` (query, class) pairs by class probability (over all Q x K pairs; ``min(top_k, Q*K)``); a
+    pair's mask is its query's mask at the original size thresholded at logit 0; its score is the class
+    probability times the mean mask probability inside the mask (0 for an empty mask). Pairs with
+    ``score <= score_threshold`` are dropped: the default 0.0 only drops empty masks, which cannot change AP
+    (they match nothing and rank last); CisDQ's original code used 0.5.
+    """
+    _check(class_probs, mask_logits)
+    num_queries, num_columns = class_probs.shape
+    k = min(int(top_k), num_queries * num_columns)
+    class_scores, flat = class_probs.float().flatten().topk(k, sorted=True)
+    queries = torch.div(flat, num_columns, rounding_mode="floor")
+    columns = flat % num_columns
+    if mask_mode == "softmax":
+        # Probabilities depend on every query at the pixel: resize all of them.
+        probs = _mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)[queries]
+        binary = probs > 0.5
+    else:
+        # Only the selected queries' masks are resized (each once); interpolation is per query, so this
+        # equals resizing all of them first.
+        unique, inverse = torch.unique(queries, return_inverse=True)
+        logits = resize_mask_logits(mask_logits[unique], input_size, out_size, padded_size)[inverse]
+        probs, binary = logits.sigmoid(), logits > 0
+    inside = binary.flatten(1)
+    mask_scores = (probs.flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
+    scores = class_scores * mask_scores
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[scores[order] > score_threshold]
+    return scores[order], columns[order], binary[order]
+
+
+def _check(class_probs: Tensor, mask_logits: Tensor) -> None:
+    if class_probs.dim() != 2 or mask_logits.dim() != 3 or class_probs.shape[0] != mask_logits.shape[0]:
+        raise ValueError(f"need class_probs [Q, K] and mask_logits [Q, h, w] of one image, got "
+                         f"{tuple(class_probs.shape)} and {tuple(mask_logits.shape)}")
