@@ -1,0 +1,120 @@
+"""Torch datasets over a reader: the training view of one protocol step and the evaluation view.
+
+Training targets follow protocols.md ("Training targets at step t"): for a semantic dataset one binary
+mask per class of C_t present in the augmented crop (old, future and void pixels belong to no target;
+VOC's background is a target only at step 0, where it is a class of the step); for an instance dataset
+the instances of C_t. ``Target.labels`` are class columns (``protocol.column(id)``), ordered by column.
+
+Augmentation randomness is a pure function of the :class:`SampleKey` (seed, epoch, position in the
+epoch), never of worker ids or global state, so batches do not depend on the number of workers and a
+resumed run sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from benchmark.batch import EvalSample, Target
+from benchmark.errors import DataError
+
+from .selection import step_indices
+from .transforms import AugConfig, augment_instance, augment_semantic, resize_for_test, to_tensor
+
+
+# First word of the augmentation seed sequence (numpy zero-pads short seed lists: a salt keeps this
+# stream apart from the loader's per-epoch permutation stream).
+AUG_SALT = 0x41554731
+
+
+class SampleKey(NamedTuple):
+    """Which image (position in the view) and the random stream of its augmentation."""
+
+    index: int
+    seed: int = 0
+    epoch: int = 0
+    position: int = 0
+
+
+class TrainSample(NamedTuple):
+    image: torch.Tensor          # [3, h, w] float32, normalised
+    target: Target               # labels [n] int64 class columns, masks [n, h, w] bool
+    image_id: object
+
+
+class TrainView(Dataset):
+    """The augmented training images of ``step`` of ``protocol`` (``protocol.as_joint()`` for joint)."""
+
+    def __init__(self, ds, protocol, step: int, aug: AugConfig | None = None, *, indices=None, cache_dir=None):
+        self.ds = ds
+        self.protocol = protocol
+        self.step = step
+        self.aug = aug or AugConfig()
+        self.indices = np.asarray(step_indices(ds, protocol, step, cache_dir=cache_dir) if indices is None
+                                  else indices, dtype=np.int64)
+        background = getattr(protocol, "background", None)
+        self.classes = tuple(sorted(protocol.new(step), key=protocol.column))
+        self.columns = {c: protocol.column(c) for c in self.classes}
+        if len(self.indices) == 0:
+            shown = ", ".join(map(str, self.classes[:10])) + (", ..." if len(self.classes) > 10 else "")
+            raise DataError(f"no training image of {ds.name}/{ds.split} contains a class of step {step} of "
+                            f"{protocol.name} ({protocol.mode}; classes {shown}"
+                            + (", background excluded)" if background is not None else ")"),
+                            hint="check the dataset, or use the overlap mode / another split of the classes")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | SampleKey) -> TrainSample:
+        if not isinstance(key, SampleKey):
+            key = SampleKey(int(key), position=int(key))
+        rng = np.random.default_rng([AUG_SALT, key.seed, key.epoch, key.position])
+        i = int(self.indices[key.index])
+        if self.ds.task == "semantic":
+            image, masks, labels = self._semantic(i, rng)
+        else:
+            image, masks, labels = self._instance(i, rng)
+        target = Target(torch.as_tensor(labels, dtype=torch.int64), torch.from_numpy(masks))
+        return TrainSample(to_tensor(image), target, self.ds.image_id(i))
+
+    def _semantic(self, i: int, rng: np.random.Generator):
+        image, label = self.ds.load_pair(i)
+        image, label = augment_semantic(image, label, self.classes, self.aug, rng)
+        present = set(np.flatnonzero(np.bincount(label.ravel(), minlength=256)).tolist())
+        classes = [c for c in self.classes if c in present]
+        masks = np.stack([label == c for c in classes]) if classes else np.zeros((0, *label.shape), bool)
+        return image, masks, [self.columns[c] for c in classes]
+
+    def _instance(self, i: int, rng: np.random.Generator):
+        image, instances = self.ds.load(i)
+        chosen = sorted((self.columns[c], k) for k, (c, _) in enumerate(instances) if c in self.columns)
+        labels = np.asarray([column for column, _ in chosen], dtype=np.int64)
+        masks = np.stack([instances[k][1] for _, k in chosen]) if chosen else np.zeros((0, *image.shape[:2]), bool)
+        image, masks, keep = augment_instance(image, masks, self.aug, rng)
+        return image, masks, labels[keep]
+
+
+class EvalView(Dataset):
+    """Every image of a (validation) dataset, resized for test, with ground truth at the original size.
+
+    ``size`` is the test-time short side (None: original size); the long side is capped at ``max_size``
+    (default 4 x ``size``, detectron2's MAX_SIZE_TEST 2048 for 512).
+    """
+
+    def __init__(self, ds, size: int | None, max_size: int | None = None):
+        self.ds = ds
+        self.size = size
+        self.max_size = max_size if max_size is not None or size is None else 4 * size
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> EvalSample:
+        image, target = self.ds.load(int(i))
+        if self.ds.task == "semantic":
+            target = target.astype(np.int64)
+        pixels = to_tensor(resize_for_test(image, self.size, self.max_size))
+        return EvalSample(pixels, self.ds.image_id(int(i)), tuple(image.shape[:2]), target)
