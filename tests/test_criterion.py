@@ -194,3 +194,16 @@ def test_invalid_configuration_and_inputs_are_refused():
         SetCriterion(num_points=20)(class_logits, mask_logits, bad)
     with pytest.raises(ValueError, match="one class and one mask"):
         SetCriterion(num_points=20)(class_logits, mask_logits[:-1], targets)
+
+
+def test_half_precision_logits_give_float32_terms_close_to_float32():
+    # Under AMP the model's logits are half precision; the criterion computes in float32.
+    class_logits, mask_logits, targets = _inputs()
+    torch.manual_seed(1)
+    full = SetCriterion(num_points=200)(class_logits, mask_logits, targets)
+    torch.manual_seed(1)
+    half = SetCriterion(num_points=200)([c.bfloat16() for c in class_logits], [m.bfloat16() for m in mask_logits],
+                                        targets)
+    for name in full:
+        assert half[name].dtype == torch.float32
+        torch.testing.assert_close(half[name], full[name], rtol=2e-3, atol=0)

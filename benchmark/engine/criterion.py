@@ -207,11 +207,12 @@ class SetCriterion:
             zero = mask_logits.sum() * 0.0
             return zero, zero
         if self.mask_mode == "sigmoid":
-            pred = mask_logits[flat.image, flat.query][:, None]                       # [M, 1, h, w]
+            # float32 like the points: mask logits may be half precision under AMP.
+            pred = mask_logits[flat.image, flat.query][:, None].float()               # [M, 1, h, w]
             with torch.no_grad():
                 coords = self._importance_points(pred, lambda logits: -logits.abs())
                 labels = prepared.sample_pairs(coords, flat.target)
-            logits = sample_point(pred, coords, align_corners=False).squeeze(1).float()
+            logits = sample_point(pred, coords, align_corners=False).squeeze(1)
             return (sigmoid_cross_entropy_loss(logits, labels, num_masks),
                     dice_loss(logits, labels, num_masks))
         probs = mask_logits.float().softmax(dim=1)[flat.image, flat.query][:, None]

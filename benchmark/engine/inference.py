@@ -21,7 +21,8 @@ from torch import Tensor
 Size = tuple[int, int]
 
 
-def resize_mask_logits(mask_logits: Tensor, input_size: Size, out_size: Size, padded_size: Size | None = None) -> Tensor:
+def resize_mask_logits(mask_logits: Tensor, input_size: Size, out_size: Size,
+                       padded_size: Size | None = None) -> Tensor:
     """[Q, h, w] mask logits -> [Q, H, W] float32 at the original image size.
 
     ``input_size`` is the valid (unpadded) region of the network input, ``padded_size`` the full input
