@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -143,8 +144,8 @@ def test_evaluate_semantic_confusion_matrix():
     expected[row[c], row[b]] = 128                              # image 1, right half: unseen class c -> b
     expected[row[b], row[a]] = 12                               # image 2, rows 1-3, left half
     expected[row[b], row[b]] = 12
-    assert result.confusion.dtype == np.int64
-    np.testing.assert_array_equal(result.confusion, expected)
+    assert result.matrix.dtype == np.int64
+    np.testing.assert_array_equal(result.matrix, expected)
 
 
 def test_evaluate_refuses_a_model_with_the_wrong_number_of_columns():
@@ -155,12 +156,12 @@ def test_evaluate_refuses_a_model_with_the_wrong_number_of_columns():
                  progress=False)
 
 
-def test_evaluate_instance_detections():
+def test_evaluate_instance_detections(tmp_path):
     protocol = get_protocol("synth-inst-10-5")
     sample = EvalSample(torch.zeros(3, 8, 8), 7, (8, 8), [])
     result = evaluate(HalvesModel(num_columns=10), [sample], protocol, step=0, device="cpu", task="instance",
                       top_k=2, progress=False)
-    assert result.confusion is None and len(result.detections) == 2
+    assert result.matrix is None and len(result.detections) == 2
     left = np.zeros((8, 8), dtype=bool)
     left[:, :4] = True
     probability = torch.softmax(torch.tensor([10.0] + [-10.0] * 10), 0)[0].item() * torch.sigmoid(
@@ -169,6 +170,19 @@ def test_evaluate_instance_detections():
         assert det["image_id"] == 7 and det["category_id"] == protocol.class_order[category - 1]
         np.testing.assert_array_equal(mask_utils.decode(det["segmentation"]).astype(bool), region)
         assert det["score"] == pytest.approx(probability, rel=1e-5)
+    # AP against a ground truth holding the left half as column 0's class: perfect; column 1's class has none.
+    rle = mask_utils.encode(np.asfortranarray(left.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    first, second = protocol.class_order[:2]
+    gt = {"images": [{"id": 7, "height": 8, "width": 8}],
+          "categories": [{"id": c, "name": str(c)} for c in protocol.all_classes],
+          "annotations": [{"id": 1, "image_id": 7, "category_id": first, "segmentation": rle, "area": 32,
+                           "bbox": [0, 0, 4, 8], "iscrowd": 0}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    ap = result.per_class_ap(path)
+    assert set(ap) == set(protocol.all_classes)
+    assert ap[first]["ap"] == pytest.approx(1.0) and np.isnan(ap[second]["ap"])
 
 
 def _free_port() -> int:
@@ -189,7 +203,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: dict):
                           progress=False)
         instance = evaluate(HalvesModel(10), [EvalSample(torch.zeros(3, 8, 8), i, (8, 8), []) for i in range(3)],
                             get_protocol("synth-inst-10-5"), 0, "cpu", "instance", top_k=2, progress=False)
-        out[rank] = (result.num_images, result.confusion, sorted(d["image_id"] for d in instance.detections))
+        out[rank] = (result.num_images, result.matrix, sorted(d["image_id"] for d in instance.detections))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -206,6 +220,6 @@ def test_evaluate_under_ddp_shards_and_sums():
         results = dict(out)
     for rank in (0, 1):
         assert results[rank][0] == 3
-        np.testing.assert_array_equal(results[rank][1], single.confusion)
+        np.testing.assert_array_equal(results[rank][1], single.matrix)
     # Detections are gathered on rank 0 only: two per image, every image once.
     assert results[0][2] == [0, 0, 1, 1, 2, 2] and results[1][2] == []

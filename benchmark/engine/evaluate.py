@@ -30,8 +30,8 @@ from tqdm import tqdm
 from benchmark.batch import EvalSample
 from benchmark.engine.inference import instance_inference, semantic_inference
 from benchmark.errors import ConfigError
-from benchmark.metrics import confusion_update, index_lookup, masks_to_coco_results, native_to_index, new_confusion
-from benchmark.metrics import reduce_confusion
+from benchmark.metrics import (confusion_update, index_lookup, mask_ap, masks_to_coco_results, native_to_index,
+                               new_confusion, reduce_confusion)
 
 TASKS = ("semantic", "instance")
 
@@ -40,16 +40,23 @@ TASKS = ("semantic", "instance")
 class EvalResult:
     """The raw evaluation output of one step.
 
-    semantic: ``confusion`` [N, N] int64 (rows = ground truth, columns = prediction, both indexed like
-    ``class_ids``); instance: ``detections`` (COCO results format, native category ids, RLE masks).
+    semantic: ``matrix`` [N, N] int64 (rows = ground truth, columns = prediction, both indexed like
+    ``class_ids``: the arrays of ``step_XX/confusion.npz``); instance: ``detections`` (COCO results format,
+    native category ids, RLE masks).
     """
 
     task: str
     step: int
     class_ids: tuple[int, ...]
     num_images: int
-    confusion: np.ndarray | None = None
+    matrix: np.ndarray | None = None
     detections: list[dict] = field(default_factory=list)
+
+    def per_class_ap(self, gt_json_path) -> dict[int, dict[str, float]]:
+        """Mask AP per class of the protocol (``benchmark.metrics.mask_ap``) against the validation json."""
+        if self.task != "instance":
+            raise ValueError("per-class AP needs an instance evaluation")
+        return mask_ap(gt_json_path, self.detections, self.class_ids)
 
 
 def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int, device: torch.device | str,
@@ -111,8 +118,7 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
             gathered = [None] * world if rank == 0 else None
             dist.gather_object(detections, gathered, dst=0)
             detections = [d for part in gathered for d in part] if rank == 0 else []
-    confusion = matrix.cpu().numpy() if matrix is not None else None
-    return EvalResult(task, step, class_ids, count, confusion, detections)
+    return EvalResult(task, step, class_ids, count, matrix.cpu().numpy() if matrix is not None else None, detections)
 
 
 def _rank_and_world() -> tuple[int, int]:
