@@ -31,6 +31,7 @@ Decisions where the spec is silent:
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -58,10 +59,10 @@ def _validate_layout(layout: Iterable[Sequence[int]]) -> Layout:
         raise ConfigError("a model needs at least one query group",
                           hint="pass layout=[(num_queries, num_columns)]")
     for index, group in enumerate(groups):
-        if len(group) != 2 or not all(isinstance(v, int) and v >= 1 for v in group):
+        if len(group) != 2 or not all(isinstance(v, numbers.Integral) and v >= 1 for v in group):
             raise ConfigError(f"query group {index} is {group!r}",
                               hint="each group is (num_queries, num_columns) with positive integers")
-    return groups  # type: ignore[return-value]
+    return tuple((int(q), int(c)) for q, c in groups)
 
 
 class SegModel(nn.Module):
@@ -145,7 +146,9 @@ class SegModel(nn.Module):
     def grow_head(self, num_columns: int, init: HeadInit | None = None) -> None:
         """Grow the last group's head to ``num_columns`` classes (+ no-object, kept last).
 
-        Old rows are copied, so old logits are bit-identical. ``init(head, num_old)`` is the
+        Old rows are copied, so old class logits are bit-identical; the no-object row moves to the
+        new last column, where the matrix-multiply kernel may round its logit differently (equal to
+        about 1e-7 relative; a BLAS property, not a copy error). ``init(head, num_old)`` is the
         method hook that initialises rows ``num_old .. num_columns - 1`` (and may touch the
         no-object row, as MiB does); it runs under ``torch.no_grad()``. No-op if already that size.
         """
@@ -411,7 +414,11 @@ class ModelSpec:
 
 def build_model(preset: str | ModelPreset, layout: Iterable[Sequence[int]], *,
                 group_attention_mask: bool = False) -> SegModel:
-    """A randomly initialised SegModel; ``layout`` is (num_queries, num_columns) per query group."""
+    """A randomly initialised SegModel; ``layout`` is (num_queries, num_columns) per query group.
+
+    Group 0's query count comes from ``layout`` (``preset.num_queries`` is the default a method
+    uses when it builds the layout).
+    """
     if isinstance(preset, str):
         preset = get_preset(preset)
     return SegModel(preset, layout, group_attention_mask=group_attention_mask)
