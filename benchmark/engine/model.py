@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from transformers import Mask2FormerModel
 
 from benchmark.engine.outputs import ModelOutputs
-from benchmark.engine.presets import ModelPreset, _quiet_backbone_warning, get_preset
+from benchmark.engine.presets import ModelPreset, quiet_backbone_warning, get_preset
 from benchmark.errors import ConfigError
 
 Layout = tuple[tuple[int, int], ...]
@@ -75,7 +75,7 @@ class SegModel(nn.Module):
         self.preset = preset
         self.group_attention_mask = group_attention_mask
         self.config = preset.mask2former_config(num_queries=groups[0][0])
-        with _quiet_backbone_warning():
+        with quiet_backbone_warning():
             self.model = Mask2FormerModel(self.config)
         self.class_heads = nn.ModuleList([self._new_head(groups[0][1])])
         self.group_query_features = nn.ModuleList()   # content queries of groups 1..G-1

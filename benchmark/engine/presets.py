@@ -97,7 +97,7 @@ class ModelPreset:
 
     def mask2former_config(self, num_queries: int | None = None, num_labels: int = 1) -> Mask2FormerConfig:
         """The transformers config; ``num_queries`` sizes the stock (group-0) query embeddings."""
-        with _quiet_backbone_warning():
+        with quiet_backbone_warning():
             return Mask2FormerConfig(
                 backbone_config=self.backbone.to_config(),
                 feature_size=self.hidden_dim,
@@ -134,7 +134,7 @@ class ModelPreset:
 
 
 @contextlib.contextmanager
-def _quiet_backbone_warning() -> Iterator[None]:
+def quiet_backbone_warning() -> Iterator[None]:
     """transformers warns that only Swin is a 'supported' Mask2Former backbone; its ResNet works.
 
     The level is restored afterwards so nothing else in the process changes.
