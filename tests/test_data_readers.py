@@ -235,13 +235,38 @@ def test_coco_json_errors_name_the_file(tmp_path, cache):
     data = json.loads(good)
     data["categories"].append({"id": 95, "name": "nope"})
     ann_file.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=r"declares categories outside the coco id space: 95"):
+    assert 95 not in open_dataset("coco", tmp_path, "train").class_ids      # declared but unused: harmless
+    data["annotations"][0]["category_id"] = 95
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"annotations with categories outside the coco id space: 95"):
         open_dataset("coco", tmp_path, "train")
     data = json.loads(good)
     data["images"][0]["file_name"] = "missing.jpg"
     ann_file.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"1 images of instances_train2017\.json are missing .*missing\.jpg"):
         open_dataset("coco", tmp_path, "train")
+
+
+def test_instance_json_without_image_sizes_reads_them_from_the_images(tmp_path, cache):
+    truth = write_coco(tmp_path, {"val": {3: [(2, (1, 1, 6, 7), "polygon")]}, "train": {4: []}})
+    ann_file = tmp_path / "coco" / "annotations" / "instances_val2017.json"
+    data = json.loads(ann_file.read_text())
+    for image in data["images"]:
+        del image["height"], image["width"]
+    ann_file.write_text(json.dumps(data))
+    image, target = open_dataset("coco", tmp_path, "val").load(0)
+    assert image.shape == (24, 32, 3) and np.array_equal(target[0][1], truth[3][0][1])
+
+
+def test_ade_instance_annotation_of_a_stuff_class_is_refused(tmp_path, cache):
+    write_ade_instance(tmp_path, {"train": {"a": [(8, (1, 1, 5, 5), "rle")]}, "val": {"b": [(8, (1, 1, 5, 5), "rle")]}})
+    ann_file = tmp_path / "ADEChallengeData2016" / "ade20k_instance_train.json"
+    data = json.loads(ann_file.read_text())
+    data["categories"].append({"id": 0, "name": "wall"})
+    data["annotations"][0]["category_id"] = 0
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"outside the ade-inst id space: 0 \(native ids 1\)"):
+        open_dataset("ade-inst", tmp_path, "train")
 
 
 def test_coco_unreadable_segmentation_names_annotation(tmp_path, cache):

@@ -95,6 +95,22 @@ def test_augmentation_is_deterministic_and_keeps_a_step_class_in_the_crop(synth_
     assert not torch.equal(view[SampleKey(0, 7, 2, 0)].image, view[SampleKey(0, 7, 3, 0)].image)
 
 
+def test_instance_augmentation_crops_masks_with_the_image(synth_root):
+    ds = synth(synth_root, "synth-inst")
+    protocol = get_protocol("synth-inst-10-2")
+    view = TrainView(ds, protocol, 0, AugConfig(crop_size=32, scale_range=(1.0, 2.0), color_jitter=False))
+    semantic = synth(synth_root)
+    for position in range(8):
+        sample = view[SampleKey(position, 1, 0, position)]
+        assert sample.image.shape == (3, 32, 32) and sample.target.masks.shape[1:] == (32, 32)
+        assert len(sample.target) >= 1 and sample.target.masks.flatten(1).any(1).all()   # empty masks dropped
+        assert set(sample.target.labels.tolist()) <= set(range(10))
+        expected = {protocol.column(c) for c in semantic.classes_in(int(view.indices[position])) if c <= 10}
+        assert set(sample.target.labels.tolist()) <= expected
+    with pytest.raises(ConfigError, match="instance protocol"):
+        TrainView(semantic, protocol, 0)
+
+
 def test_crop_retries_until_accepted():
     rng = np.random.default_rng(0)
     label = np.zeros((100, 100), np.uint8)

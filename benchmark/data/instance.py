@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_util
 
 from benchmark.errors import DataError
@@ -108,10 +109,8 @@ class CocoFormatDataset:
         return f"CocoFormatDataset({self.name!r}, {self.split!r}, {len(self)} images, json={str(self.json_path)!r})"
 
     def __getstate__(self) -> dict:
-        # Workers re-parse the json lazily if they need it before the parent did; never ship the raw json.
-        state = dict(self.__dict__)
-        state["_raw"] = None
-        return state
+        # Never ship a raw json to worker processes (it is only held while converting).
+        return {**self.__dict__, "_raw": None}
 
     @property
     def class_ids(self) -> tuple[int, ...]:
@@ -135,10 +134,14 @@ class CocoFormatDataset:
     def load_image(self, i: int) -> np.ndarray:
         return read_image(self.image_path(i))
 
-    def load_target(self, i: int) -> list[tuple[int, np.ndarray]]:
+    def load_target(self, i: int, classes=None) -> list[tuple[int, np.ndarray]]:
+        """[(native class id, HxW bool mask)] of the non-crowd instances (only those of ``classes`` if given)."""
         rec = self._images[i]
         out = []
         for ann in self._annotations()[rec.image_id]:
+            class_id = int(ann["category_id"]) + self.category_offset
+            if classes is not None and class_id not in classes:
+                continue
             try:
                 rle = segmentation_to_rle(ann["segmentation"], rec.height, rec.width)
             except (ValueError, TypeError, KeyError) as err:
@@ -152,16 +155,17 @@ class CocoFormatDataset:
                                     f"{rle['size'][0]} but its image {rec.file_name!r} is {rec.width}x{rec.height}",
                                     hint="the annotation does not belong to that image; fix the json")
                 mask = mask_util.decode(rle).astype(bool)
-            out.append((int(ann["category_id"]) + self.category_offset, mask))
+            out.append((class_id, mask))
         return out
 
-    def load(self, i: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    def load(self, i: int, classes=None) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+        """(HxWx3 uint8 image, its instances as in :meth:`load_target`)."""
         image = self.load_image(i)
         rec = self._images[i]
         if image.shape[:2] != (rec.height, rec.width):
             raise DataError(f"image {self.image_path(i)} is {image.shape[1]}x{image.shape[0]} but {self.json_path} "
                             f"says {rec.width}x{rec.height}", hint="the image and the json do not match")
-        return image, self.load_target(i)
+        return image, self.load_target(i, classes)
 
     @property
     def coco_json_path(self) -> Path:
@@ -203,55 +207,72 @@ class CocoFormatDataset:
             self._parse()
         return self._anns
 
+    def index_annotations(self) -> None:
+        """Parse the json now (if the presence cache spared it so far), e.g. before forking loader workers
+        so that they share one parsed copy instead of each parsing it again."""
+        self._annotations()
+
     def _parse(self) -> None:
         data = self._raw_json()
         where = self.json_path
+        off = self.category_offset
         try:
-            categories = {int(c["id"]) + self.category_offset: str(c.get("name", c["id"]))
-                          for c in data["categories"]}
-            images = [ImageRecord(im["id"], str(im["file_name"]), int(im["height"]), int(im["width"]))
-                      for im in data["images"]]
+            declared = {int(c["id"]) + off: str(c.get("name", c["id"])) for c in data["categories"]}
+            images = [self._image_record(im) for im in data["images"]]
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"malformed image or category entry in {where}: missing or bad field {err}",
                             hint=self._hint) from None
-        if self.id_space is not None:
-            outside = sorted(set(categories) - set(self.id_space))
-            if outside:
-                raise DataError(f"{where} declares categories outside the {self.name} id space: "
-                                f"{', '.join(str(c - self.category_offset) for c in outside[:12])}"
-                                + (f" (native ids {', '.join(map(str, outside[:12]))})" if self.category_offset
-                                   else ""),
-                                hint=f"{self.name} native class ids are {self.id_space[0]}..{self.id_space[-1]} "
-                                     f"({len(self.id_space)} classes)")
         images.sort(key=lambda r: _sort_key(r.image_id))
         anns: dict[Any, list[dict]] = {r.image_id: [] for r in images}
-        bad_categories: set[int] = set()
         for ann in data["annotations"]:
             try:
                 if ann.get("iscrowd", 0):
                     continue
-                image_id, category = ann["image_id"], int(ann["category_id"])
-                ann["segmentation"]
-            except (KeyError, TypeError, ValueError) as err:
+                image_id = ann["image_id"]
+                int(ann["category_id"]), ann["segmentation"]      # present and well-typed
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
                 raise DataError(f"malformed annotation {ann.get('id') if isinstance(ann, dict) else ann!r} in "
                                 f"{where}: missing or bad field {err}", hint=self._hint) from None
-            if category + self.category_offset not in categories:
-                bad_categories.add(category)
-                continue
             if image_id not in anns:
                 raise DataError(f"annotation {ann.get('id')} in {where} refers to image id {image_id!r}, which is "
                                 "not in 'images'", hint="the json is inconsistent; replace it")
             anns[image_id].append(ann)
-        if bad_categories:
+        used = {int(a["category_id"]) + off for group in anns.values() for a in group}
+        undeclared = sorted(used - set(declared))
+        if undeclared:
             raise DataError(f"{where} has annotations with category ids outside its categories: "
-                            f"{', '.join(map(str, sorted(bad_categories)[:12]))}",
-                            hint=f"declared category ids: {', '.join(str(c - self.category_offset) for c in sorted(categories)[:12])}"
-                                 + (", ..." if len(categories) > 12 else ""))
-        self.class_names = dict(sorted(categories.items()))
+                            f"{', '.join(str(c - off) for c in undeclared[:12])}",
+                            hint=f"declared category ids: {', '.join(str(c - off) for c in sorted(declared)[:12])}"
+                                 + (", ..." if len(declared) > 12 else ""))
+        if self.id_space is not None:
+            outside = sorted(used - set(self.id_space))
+            if outside:
+                raise DataError(f"{where} has annotations with categories outside the {self.name} id space: "
+                                f"{', '.join(str(c - off) for c in outside[:12])}"
+                                + (f" (native ids {', '.join(map(str, outside[:12]))})" if off else ""),
+                                hint=f"{self.name} native class ids are {len(self.id_space)} ids from "
+                                     f"{self.id_space[0]} to {self.id_space[-1]} (protocols.md)"
+                                     + (f"; the json stores native id - {off}" if off else ""))
+            declared = {c: n for c, n in declared.items() if c in set(self.id_space)}
+        self.class_names = dict(sorted(declared.items()))
         self._images = images
         self._anns = anns
-        self._classes = [tuple(sorted({int(a["category_id"]) + self.category_offset for a in anns[r.image_id]}))
-                         for r in images]
+        self._classes = [tuple(sorted({int(a["category_id"]) + off for a in anns[r.image_id]})) for r in images]
+        self._raw = None        # the annotations are kept in ``anns``; the rest of the json is not needed
+
+    def _image_record(self, entry: dict) -> ImageRecord:
+        """A json image entry; height / width are read from the image file when the json omits them."""
+        if "height" in entry and "width" in entry:
+            return ImageRecord(entry["id"], str(entry["file_name"]), int(entry["height"]), int(entry["width"]))
+        record = ImageRecord(entry["id"], str(entry["file_name"]), 0, 0)
+        path = self.image_dir / record.file_name
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except OSError as err:
+            raise DataError(f"{self.json_path} gives no size for image {record.file_name!r} and the image cannot be "
+                            f"read: {err}", hint=self._hint) from None
+        return ImageRecord(record.image_id, record.file_name, height, width)
 
     def _check_image_files(self) -> None:
         if not self.image_dir.is_dir():

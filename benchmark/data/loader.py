@@ -158,8 +158,8 @@ class _Collate:
 
 
 def single_pass(view: TrainView, batch_size: int, seed: int = 0, workers: int = 0) -> Iterator[Batch]:
-    """Every image of the view once, in view order, augmented as epoch 0 of ``seed`` would augment it
-    (for statistics over a step's training images, such as PLOP's entropy thresholds)."""
+    """Every image of the view once, in view order (augmentation of image k drawn from (seed, epoch 0,
+    position k)), for statistics over a step's training images such as PLOP's entropy thresholds."""
     keys = [SampleKey(i, seed, 0, i) for i in range(len(view))]
     batches = [keys[k:k + batch_size] for k in range(0, len(keys), batch_size)]
     yield from DataLoader(view, batch_sampler=batches, num_workers=workers, collate_fn=_Collate(SIZE_DIVISIBILITY))

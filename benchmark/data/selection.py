@@ -29,7 +29,7 @@ MODES = ("overlap", "disjoint")
 
 
 def select_images(presence: Sequence[Iterable[int]], new: Iterable[int], seen: Iterable[int], mode: str,
-                  background: int | None = None) -> np.ndarray:
+                  background: int | None = None) -> list[int]:
     """Sorted indices of the images whose classes (``presence[i]``) satisfy the rule of ``mode``.
 
     ``new`` = C_t, ``seen`` = O_t | C_t (native ids); ``background`` = VOC's 0 or None.
@@ -43,11 +43,11 @@ def select_images(presence: Sequence[Iterable[int]], new: Iterable[int], seen: I
         classes = set(classes)
         if classes & wanted and (mode == "overlap" or classes <= allowed):
             keep.append(i)
-    return np.asarray(keep, dtype=np.int64)
+    return keep
 
 
-def step_indices(ds, protocol, step: int, *, cache_dir=None) -> np.ndarray:
-    """Sorted int64 indices into ``ds`` of the training images of ``step`` of ``protocol``."""
+def step_indices(ds, protocol, step: int, *, cache_dir=None) -> list[int]:
+    """Sorted indices into ``ds`` of the training images of ``step`` of ``protocol``."""
     num_steps = len(protocol.steps)
     if not 0 <= step < num_steps:
         raise ConfigError(f"protocol {protocol.name} has steps 0..{num_steps - 1}, not {step}")
@@ -58,8 +58,8 @@ def step_indices(ds, protocol, step: int, *, cache_dir=None) -> np.ndarray:
     path = folder / "steps" / f"{ds.name}-{ds.split}-{key[:24]}.npy"
     cached = read_array(path)
     if cached is not None:
-        return cached
+        return cached.tolist()
     seen = [c for s in steps[: step + 1] for c in s]
     indices = select_images(ds.presence(), steps[step], seen, protocol.mode, background)
-    write_array(path, indices)
+    write_array(path, np.asarray(indices, dtype=np.int64))
     return indices

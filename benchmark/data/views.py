@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from benchmark.batch import EvalSample, Target
-from benchmark.errors import DataError
+from benchmark.errors import ConfigError, DataError
 
 from .selection import step_indices
 from .transforms import AugConfig, augment_instance, augment_semantic, resize_for_test, to_tensor
@@ -49,6 +49,11 @@ class TrainView(Dataset):
     """The augmented training images of ``step`` of ``protocol`` (``protocol.as_joint()`` for joint)."""
 
     def __init__(self, ds, protocol, step: int, aug: AugConfig | None = None, *, indices=None, cache_dir=None):
+        if ds.task != protocol.task:
+            raise ConfigError(f"protocol {protocol.name} is a {protocol.task} protocol but dataset {ds.name} is "
+                              f"{ds.task}", hint="open the dataset named by protocol.dataset")
+        if ds.task == "instance":
+            ds.index_annotations()
         self.ds = ds
         self.protocol = protocol
         self.step = step
@@ -89,8 +94,8 @@ class TrainView(Dataset):
         return image, masks, [self.columns[c] for c in classes]
 
     def _instance(self, i: int, rng: np.random.Generator):
-        image, instances = self.ds.load(i)
-        chosen = sorted((self.columns[c], k) for k, (c, _) in enumerate(instances) if c in self.columns)
+        image, instances = self.ds.load(i, classes=self.columns)
+        chosen = sorted((self.columns[c], k) for k, (c, _) in enumerate(instances))
         labels = np.asarray([column for column, _ in chosen], dtype=np.int64)
         masks = np.stack([instances[k][1] for _, k in chosen]) if chosen else np.zeros((0, *image.shape[:2]), bool)
         image, masks, keep = augment_instance(image, masks, self.aug, rng)
@@ -105,6 +110,8 @@ class EvalView(Dataset):
     """
 
     def __init__(self, ds, size: int | None, max_size: int | None = None):
+        if ds.task == "instance":
+            ds.index_annotations()
         self.ds = ds
         self.size = size
         self.max_size = max_size if max_size is not None or size is None else 4 * size
