@@ -444,7 +444,7 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
 
 # --- DistributedDataParallel (2 gloo processes) ----------------------------------------------------
 
-def _ddp_worker(rank, world_size, port, out_dir):
+def _ddp_worker(rank, world_size, port, out_dir, tag):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -456,7 +456,7 @@ def _ddp_worker(rank, world_size, port, out_dir):
         log = train_step_loop(model, ToyMethod(points=None), make_ctx(), loader,
                               config(iterations=3, batch_size=2, checkpoint_every=2), device="cpu", dist=dist,
                               checkpoint_path=Path(out_dir) / "ddp.pt", progress=False)
-        torch.save({"state": model.state_dict(), "log": log.to_dict()}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save({"state": model.state_dict(), "log": log.to_dict()}, Path(out_dir) / f"{tag}{rank}.pt")
     finally:
         dist.cleanup()
 
@@ -468,11 +468,15 @@ def _free_port():
 
 
 def test_ddp_two_processes_match_single_process_accumulation(tmp_path):
-    # fork: the workers inherit the imported torch instead of paying seconds to import it again.
-    torch.multiprocessing.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                                          join=True, start_method="fork")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    def launch(tag):
+        # fork: the workers inherit the imported torch instead of paying seconds to import it again.
+        torch.multiprocessing.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), tag), nprocs=2,
+                                              join=True, start_method="fork")
+        return [torch.load(tmp_path / f"{tag}{r}.pt", weights_only=False) for r in range(2)]
+
+    ranks = launch("rank")
     assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
+    assert ranks[0]["log"]["history"] != ranks[1]["log"]["history"]       # each rank logs its own data
 
     torch.manual_seed(0)
     model = ToyModel()
@@ -488,6 +492,10 @@ def test_ddp_two_processes_match_single_process_accumulation(tmp_path):
                                                     {"epoch": 0, "position": 3, "rank": 1}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.pt", "rank0.pt", "rank1.pt"]
     assert math.isfinite(ranks[0]["log"]["loss_mean"])
+
+    again = launch("again")                                  # the complete step: every rank gets its own log back
+    assert [a["log"]["start_iteration"] for a in again] == [3, 3]
+    assert [a["log"]["history"] for a in again] == [r["log"]["history"] for r in ranks]
 
 
 # --- mixed precision, divergence, logging ----------------------------------------------------------

@@ -134,16 +134,17 @@ def restore_rng_state(state: Mapping[str, Any], device: torch.device | None = No
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def capture_rank_state(loader: Any, device: torch.device | None = None) -> dict:
-    """What differs between DDP ranks: RNG states and the loader position."""
-    return {"rng": capture_rng_state(device), "loader": loader.state_dict()}
+def capture_rank_state(loader: Any, device: torch.device | None = None, extra: dict | None = None) -> dict:
+    """What differs between DDP ranks: RNG states, the loader position and rank-local ``extra`` (logs)."""
+    return {"rng": capture_rng_state(device), "loader": loader.state_dict(), "extra": extra or {}}
 
 
 # --- the in-step checkpoint ------------------------------------------------------------------------
 
 @dataclass
 class Resumed:
-    """What a restored checkpoint hands back to the trainer: where to continue and its own log state."""
+    """What a restored checkpoint hands back: where to continue, and the checkpoint's ``extra`` merged
+    with this rank's own (the trainer's loss log)."""
 
     iteration: int
     extra: dict
@@ -212,7 +213,7 @@ def restore_checkpoint(state: Mapping[str, Any], *, path: str | os.PathLike, mod
     method.load_state_dict(state["method"])
     loader.load_state_dict(ranks[rank]["loader"])
     restore_rng_state(ranks[rank]["rng"], device)
-    return Resumed(iteration=int(state["iteration"]), extra=dict(state["extra"]))
+    return Resumed(iteration=int(state["iteration"]), extra={**state["extra"], **ranks[rank].get("extra", {})})
 
 
 def resume(path: str | os.PathLike | None, **objects: Any) -> Resumed | None:

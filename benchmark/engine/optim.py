@@ -22,7 +22,7 @@ from benchmark.errors import ConfigError
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Settings that change what is computed; the rest (logging, checkpoint cadence) may change on resume.
-_BOOKKEEPING_FIELDS = frozenset({"checkpoint_every", "log_every"})
+_BOOKKEEPING_FIELDS = frozenset({"checkpoint_every", "log_every", "find_unused_parameters"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class TrainConfig:
     checkpoint_every:    write the resumable in-step checkpoint every this many iterations; 0 = only at the end.
     log_every:           iterations between loss log rows (and the only points where the loop synchronises
                          with the device to read the loss); detectron2 logs every 20.
+    find_unused_parameters: DDP only. Off, as Mask2Former's ``create_ddp_model(model, broadcast_buffers=False)``:
+                         every trainable parameter of the engine's model takes part in each forward, and the
+                         per-iteration graph search the flag costs is saved. Turn it on for a model or method
+                         whose forward leaves some trainable parameters unused (DDP's error says so).
     """
 
     iterations: int = 160_000
@@ -62,6 +66,7 @@ class TrainConfig:
     amp_dtype: str = "float16"
     checkpoint_every: int = 1000
     log_every: int = 20
+    find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         problems = []

@@ -238,9 +238,10 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     progress:   show a tqdm bar (loss, ETA) on rank 0 when stderr is a terminal; otherwise rank 0 logs a
                 line per log point through ``logging``. ``desc`` labels the bar (default ``step <t>``).
 
-    Under DDP, parameters reachable from the outputs must all receive a gradient from the loss or be
-    frozen (``find_unused_parameters=True`` handles parameters the forward did not use; detectron2's
-    ``broadcast_buffers=False`` is kept). Only rank 0 writes the checkpoint and shows progress.
+    Under DDP (``broadcast_buffers=False`` as detectron2), every trainable parameter must receive a
+    gradient from the loss each iteration, or be frozen; ``cfg.find_unused_parameters`` covers parameters
+    a forward leaves unused. Only rank 0 writes the checkpoint and shows progress; each rank keeps its
+    own RNG, loader position and loss log in the checkpoint and resumes from them.
     """
     dist = dist or DistributedContext()
     device = torch.device(device)
@@ -277,7 +278,7 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     net: nn.Module = model
     if dist.active:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False, find_unused_parameters=True)
+                                      broadcast_buffers=False, find_unused_parameters=cfg.find_unused_parameters)
     clip_params = [p for group in optimizer.param_groups for p in group["params"]]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp)
     batches = iter(loader)
@@ -289,11 +290,10 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
 
     def save(done: int) -> None:
         log.wall_time = wall_before + time.perf_counter() - segment_start
-        rank_states = dist.all_gather_object(capture_rank_state(loader, device))
+        rank_states = dist.all_gather_object(capture_rank_state(loader, device, extra={"log": log.state()}))
         if dist.is_main:
             save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            method=method, iteration=done, config=config, rank_states=rank_states,
-                            extra={"log": log.state()})
+                            method=method, iteration=done, config=config, rank_states=rank_states)
 
     try:
         for it in range(start, cfg.iterations):
