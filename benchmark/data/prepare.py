@@ -137,6 +137,8 @@ def prepare(dataset: str, root: Path, *, download_missing: bool = False, verify:
         out(f"{dataset}: the layout under {root} is incomplete")
         for problem in problems:
             out(f"  {problem}")
+        if dataset == "voc":
+            out(f"  (accepted layouts: {voc.expected_text(root)})")
         if not download_missing:
             out(f"run `python -m benchmark.data.prepare {dataset} --root {root} --download` to fetch and convert it")
         return 1
