@@ -303,6 +303,17 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
     assert log.iterations == 8 and log.start_iteration == 0
 
 
+def test_engine_set_loss_on_a_fixed_batch_goes_down():
+    from benchmark.engine.criterion import SetCriterion
+
+    ctx = make_ctx()
+    ctx.criterion = SetCriterion(num_points=256)
+    log = train_step_loop(tiny_model(), Method(), ctx, ToyLoader(2, fixed=True), config(iterations=8),
+                          checkpoint_path=None, device="cpu", progress=False)
+    assert set(log.term_means) == {"ce", "mask", "dice"}
+    assert log.history[-1]["loss"] < 0.8 * log.history[0]["loss"]
+
+
 def test_gradient_clipping_bounds_the_full_model_norm():
     def run(clip):
         norms = []
@@ -394,24 +405,33 @@ def test_wrong_batch_size_and_bad_loss_terms_are_reported():
                         device="cpu", progress=False)
 
 
+def engine_ctx():
+    """The standard engine step: Method's default loss is the set criterion (random point sampling)."""
+    from benchmark.engine.criterion import SetCriterion
+
+    ctx = make_ctx()
+    ctx.criterion = SetCriterion(num_points=256)
+    return ctx
+
+
 def test_resume_after_a_kill_is_bit_identical(tmp_path):
     cfg = config(iterations=6, checkpoint_every=2)
     seed_everything(0)
     straight_model = tiny_model()
-    straight = train_step_loop(straight_model, ToyMethod(), make_ctx(), ToyLoader(2), cfg,
+    straight = train_step_loop(straight_model, Method(), engine_ctx(), ToyLoader(2), cfg,
                                checkpoint_path=tmp_path / "straight.pt", device="cpu", progress=False)
     expected = params_of(straight_model)
 
     seed_everything(0)
     ckpt = tmp_path / "killed.pt"
     with pytest.raises(Killed):           # dies fetching iteration 5's batch: iteration 4 is lost
-        train_step_loop(tiny_model(), ToyMethod(), make_ctx(), ToyLoader(2, kill_at=5), cfg,
+        train_step_loop(tiny_model(), Method(), engine_ctx(), ToyLoader(2, kill_at=5), cfg,
                         checkpoint_path=ckpt, device="cpu", progress=False)
     assert load_checkpoint(ckpt)["iteration"] == 4
 
     seed_everything(123)                  # a fresh process: other RNG state, other initial weights
-    model, ctx = tiny_model(seed=99), make_ctx()
-    resumed = train_step_loop(model, ToyMethod(), ctx, ToyLoader(2), cfg, checkpoint_path=ckpt, device="cpu",
+    model, ctx = tiny_model(seed=99), engine_ctx()
+    resumed = train_step_loop(model, Method(), ctx, ToyLoader(2), cfg, checkpoint_path=ckpt, device="cpu",
                               progress=False)
     assert resumed.start_iteration == 4 and ctx.iteration == 6
     got = params_of(model)
@@ -421,7 +441,7 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path):
 
     # The step is complete: calling again restores the final state without training.
     model = tiny_model(seed=5)
-    again = train_step_loop(model, ToyMethod(), make_ctx(), ToyLoader(2, kill_at=0), cfg, checkpoint_path=ckpt,
+    again = train_step_loop(model, Method(), engine_ctx(), ToyLoader(2, kill_at=0), cfg, checkpoint_path=ckpt,
                             device="cpu", progress=False)
     assert again.start_iteration == 6 and again.history == straight.history
     assert all(torch.equal(v, expected[k]) for k, v in params_of(model).items())
