@@ -232,6 +232,16 @@ def test_resolve_device(monkeypatch):
     assert "--device cpu" in err.value.hint
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+    # Two visible GPUs: each process takes the one of its local rank (modulo what it can see).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 1)
+    assert resolve_device("auto", local_rank=0) == torch.device("cuda", 0)
+    assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
+    with pytest.raises(EnvironmentProblem, match="GPU index 5.*2 GPU"):
+        resolve_device("cuda:5")
+    assert DistributedContext(rank=1, world_size=2, local_rank=1).device(torch.device("cuda", 0)) == \
+        torch.device("cuda", 1)
 
 
 def test_resolve_amp():

@@ -27,15 +27,18 @@ AMP_CHOICES = ("auto", "on", "off")
 def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """Turn a device setting into a ``torch.device``.
 
-    ``auto`` picks ``cuda:<local_rank>`` when CUDA is usable, else the CPU; ``cuda`` (or ``cuda:N``) fails
-    with :class:`EnvironmentProblem` when CUDA is absent instead of silently training on the CPU. Under
-    torchrun every process takes the GPU of its local rank.
+    ``auto`` picks a GPU when CUDA is usable, else the CPU; ``cuda`` (or ``cuda:N``) fails with
+    :class:`EnvironmentProblem` when CUDA is absent instead of silently training on the CPU. Without an
+    explicit index a process takes GPU ``local_rank % visible GPUs``: under torchrun the GPU of its local
+    rank, and under schedulers that show each process only its own GPU, that GPU.
     """
     name = str(requested).strip().lower()
     if name == "cpu":
         return torch.device("cpu")
     if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise EnvironmentProblem(
@@ -44,13 +47,13 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
                 hint="run on a machine with an NVIDIA GPU and a CUDA build of torch, or use --device cpu "
                      "(or auto) to train on the CPU",
             )
-        index = local_rank
+        count = torch.cuda.device_count()
+        index = local_rank % count
         if ":" in name:
             try:
                 index = int(name.split(":", 1)[1])
             except ValueError:
                 raise ConfigError(f"invalid device {requested!r}", hint="use cuda or cuda:<index>") from None
-        count = torch.cuda.device_count()
         if not 0 <= index < count:
             raise EnvironmentProblem(
                 f"device {requested!r} (GPU index {index}) does not exist: {count} GPU(s) visible",
@@ -172,6 +175,12 @@ class DistributedContext:
 
     @classmethod
     def from_env(cls, device: str | torch.device = "auto") -> "DistributedContext":
+        """Join the torchrun job described by the environment (a single process when WORLD_SIZE <= 1).
+
+        ``device`` is the requested device kind; with CUDA each rank binds the GPU of its local rank
+        (an explicit ``torch.device("cuda", 0)`` counts as "cuda": every rank on GPU 0 cannot work).
+        Train on :meth:`device` afterwards.
+        """
         env = os.environ
         world_size = int(env.get("WORLD_SIZE", "1"))
         if world_size <= 1:
@@ -183,7 +192,8 @@ class DistributedContext:
                 hint="launch multi-process training with torchrun (it sets all of them), or unset WORLD_SIZE",
             )
         rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
-        resolved = device if isinstance(device, torch.device) else resolve_device(str(device), local_rank)
+        requested = device.type if isinstance(device, torch.device) else str(device)
+        resolved = resolve_device(requested, local_rank)
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
@@ -200,8 +210,10 @@ class DistributedContext:
         """Only the main process writes files and shows progress."""
         return self.rank == 0
 
-    def device(self, requested: str = "auto") -> torch.device:
-        return resolve_device(requested, self.local_rank)
+    def device(self, requested: str | torch.device = "auto") -> torch.device:
+        """The device this rank trains on: ``requested`` resolved for its local rank."""
+        requested = requested.type if isinstance(requested, torch.device) and self.active else requested
+        return resolve_device(str(requested), self.local_rank)
 
     def barrier(self) -> None:
         if self.active:

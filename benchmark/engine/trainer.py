@@ -36,7 +36,7 @@ from tqdm import tqdm
 from benchmark.engine.checkpoint import capture_rank_state, resume, save_checkpoint
 from benchmark.engine.device import DistributedContext, plan_batches, resolve_amp
 from benchmark.engine.optim import AMP_DTYPES, TrainConfig, build_optimizer, build_scheduler
-from benchmark.errors import ConfigError, UserError
+from benchmark.errors import ConfigError, EnvironmentProblem, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +245,11 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     """
     dist = dist or DistributedContext()
     device = torch.device(device)
+    if dist.active and device.type == "cuda" and device.index != torch.cuda.current_device():
+        raise EnvironmentProblem(
+            f"rank {dist.rank} was asked to train on {device}, but its process group is bound to "
+            f"cuda:{torch.cuda.current_device()} (local rank {dist.local_rank})",
+            hint="train every rank on its own GPU: device = dist.device(requested) after DistributedContext.from_env")
     plan = plan_batches(cfg.batch_size, dist.world_size, cfg.max_device_batch)
     amp = resolve_amp(cfg.amp, device)
     amp_dtype = AMP_DTYPES[cfg.amp_dtype]
