@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from benchmark.batch import Batch
 from benchmark.engine.checkpoint import capture_rank_state, resume, save_checkpoint
 from benchmark.engine.device import DistributedContext, plan_batches, resolve_amp
 from benchmark.engine.optim import AMP_DTYPES, TrainConfig, build_optimizer, build_scheduler
@@ -94,7 +95,7 @@ def step_config(cfg: TrainConfig, method: Any, ctx: Any, *, layout: Any, world_s
     hparams = getattr(method, "hparams", None)
     return {
         "train": cfg.result_settings(),
-        "method": {"name": getattr(method, "name", type(method).__name__),
+        "method": {"name": _method_name(method),
                    "hparams": hparams.to_dict() if hasattr(hparams, "to_dict") else hparams},
         "step": {"index": ctx.step, "num_old": ctx.num_old, "num_seen": ctx.num_seen, "task": ctx.task,
                  "protocol": protocol_id if protocol_id is not None else getattr(protocol, "name", None)},
@@ -187,8 +188,12 @@ class _LossLog:
                        term_means=means, loss_mean=sum(means.values()), history=list(self.history))
 
 
+def _method_name(method: Any) -> str:
+    return getattr(method, "name", type(method).__name__)
+
+
 def _total_loss(terms: Any, method: Any) -> Tensor:
-    name = getattr(method, "name", type(method).__name__)
+    name = _method_name(method)
     if not isinstance(terms, Mapping) or not terms:
         raise TypeError(f"method {name!r}: loss() must return a non-empty dict of named scalar tensors, "
                         f"got {type(terms).__name__}")
@@ -258,7 +263,7 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     model.train()
     old_model = ctx.old_model if method.needs_old_model else None
     if old_model is not None:
-        old_model.eval()
+        old_model.to(device).eval()
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
@@ -293,6 +298,22 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     segment_start = time.perf_counter()
     wall_before = log.wall_time
 
+    def forward_backward(batch: Batch) -> dict[str, Tensor]:
+        # A function, so that the outputs and the old model's outputs are freed before the next
+        # forward allocates its own (otherwise two sets of activations coexist at the peak).
+        with autocast:
+            outputs = net(batch.pixel_values, batch.pixel_mask)
+            old_outputs = None
+            if old_model is not None:
+                with torch.no_grad():
+                    old_outputs = old_model(batch.pixel_values, batch.pixel_mask)
+            terms = method.loss(batch, outputs, old_outputs, ctx)
+        total = _total_loss(terms, method)
+        if plan.accumulation > 1:
+            total = total / plan.accumulation
+        scaler.scale(total).backward()
+        return {name: value.detach() for name, value in terms.items()}
+
     def save(done: int) -> None:
         log.wall_time = wall_before + time.perf_counter() - segment_start
         rank_states = dist.all_gather_object(capture_rank_state(loader, device, extra={"log": log.state()}))
@@ -312,21 +333,9 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
                         f"of {plan.micro_batch} (global batch {plan.global_batch} over {plan.world_size} "
                         f"process(es), {plan.accumulation} accumulation step(s))",
                         hint="build the loader with plan_batches(batch_size, world_size, max_device_batch).micro_batch")
-                batch = batch.to(device)
-                last = micro == plan.accumulation - 1
-                with nullcontext() if last or not dist.active else net.no_sync():
-                    with autocast:
-                        outputs = net(batch.pixel_values, batch.pixel_mask)
-                        old_outputs = None
-                        if old_model is not None:
-                            with torch.no_grad():
-                                old_outputs = old_model(batch.pixel_values, batch.pixel_mask)
-                        terms = method.loss(batch, outputs, old_outputs, ctx)
-                    total = _total_loss(terms, method)
-                    if plan.accumulation > 1:
-                        total = total / plan.accumulation
-                    scaler.scale(total).backward()
-                log.add(terms)
+                sync = micro == plan.accumulation - 1 or not dist.active
+                with nullcontext() if sync else net.no_sync():
+                    log.add(forward_backward(batch.to(device)))
             scaler.unscale_(optimizer)
             if cfg.grad_clip > 0:
                 log.add_grad_norm(torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip))
@@ -351,9 +360,8 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
                     bad = sorted(k for k, v in row.items() if not math.isfinite(v))
                     raise TrainingDiverged(
                         f"step {ctx.step}: the loss is not finite at iteration {done} (terms {bad})",
-                        hint=f"lower the learning rate (now {cfg.lr}) or keep gradient clipping on; the last "
-                             f"checkpoint ({checkpoint_path}) holds the state before the divergence only if it is "
-                             f"older than this log window")
+                        hint=f"lower the learning rate (now {cfg.lr}), keep gradient clipping on (now "
+                             f"{cfg.grad_clip}) or check the listed loss terms of method {_method_name(method)!r}")
                 if show_bar:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
                 elif dist.is_main:
