@@ -37,6 +37,7 @@ class Schedule:
     increment: StepSchedule
     joint: StepSchedule
     source: str
+    checkpoint_every: int = 1000      # in-step checkpoint period (iterations)
 
     def for_step(self, step: int, joint: bool = False) -> StepSchedule:
         if joint:
@@ -45,7 +46,7 @@ class Schedule:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "step0": vars(self.step0), "increment": vars(self.increment),
-                "joint": vars(self.joint), "source": self.source}
+                "joint": vars(self.joint), "source": self.source, "checkpoint_every": self.checkpoint_every}
 
 
 SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper")
@@ -54,7 +55,7 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper")
 # Calibrated on the 2-core machine (issue 9): tiny preset, 64 px crops of the synthetic images.
 _CPU = StepSchedule(iterations=300, batch_size=8, lr=3e-4, crop_size=64, eval_size=64)
 CPU_SCHEDULE = dict(step0=_CPU, increment=replace(_CPU, iterations=80), joint=_CPU,
-                    source="embedded CPU default, calibrated on 2 CPU cores (issue 9)")
+                    source="embedded CPU default, calibrated on 2 CPU cores (issue 9)", checkpoint_every=50)
 
 # ---- published rows ------------------------------------------------------------------------------
 # ADE20K semantic: CoMFormer (CVPR 2023) configs/ade20k/semantic-segmentation/*.yaml and scripts/ade.sh:

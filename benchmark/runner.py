@@ -1,0 +1,500 @@
+"""One run = every step of (method, protocol, seed), written into the results store.
+
+Resumability (design.md): a step whose ``DONE`` marker exists is skipped (its weights are loaded when the
+next step needs them); an interrupted step resumes from its in-step checkpoint (model, optimiser,
+scheduler, RNG and loader position), so a SIGKILL at any moment followed by the same command ends with
+exactly the metrics of an uninterrupted run. A run folder whose recorded configuration differs from the
+command is refused unless ``--overwrite``.
+
+Step 0 of the methods that share the standard engine and head layout (finetune, mib, plop, comformer)
+is trained once per (protocol step 0, seed, engine, schedule, data settings) in a content-addressed cache
+``<out>/_step0/<key>/`` and copied into each run (methods.md, schedules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from benchmark.config import apply_overrides, check_sections, to_jsonable
+from benchmark.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+OVERRIDE_SECTIONS = ["step0", "increment", "joint", "model", "loss", "train", "data", "synth", "method"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the command line asked for one run (hashable, picklable for joblib/submitit)."""
+
+    method: str
+    protocol: str
+    seed: int = 0
+    engine: str = "tiny"
+    schedule: str = "cpu"
+    data_root: str = "datasets"
+    device: str = "cpu"
+    out: str = "results"
+    overrides: tuple = ()          # ((section, ((key, raw value), ...)), ...)
+    backbone_weights: str | None = None
+    overwrite: bool = False
+
+    @property
+    def override_dict(self) -> dict[str, dict[str, str]]:
+        return {section: dict(kv) for section, kv in self.overrides}
+
+    def run_dir(self, protocol_name: str | None = None) -> Path:
+        return Path(self.out) / (protocol_name or self.protocol) / self.method / f"seed{self.seed}"
+
+
+def default_methods() -> list[str]:
+    from methods import available_methods
+
+    return available_methods()
+
+
+def resolve_device_name(name: str) -> str:
+    from benchmark.engine.device import resolve_device
+
+    return str(resolve_device(name).type)
+
+
+# ---- resolved configuration ----------------------------------------------------------------------
+@dataclass
+class Resolved:
+    """Everything a run uses, with the user's overrides applied; ``config`` goes into run.json."""
+
+    spec: RunSpec
+    protocol: Any
+    train_protocol: Any
+    method: Any
+    schedule: Any
+    preset: Any
+    train: Any
+    aug: Any
+    loader: Any
+    synth: Any
+    criterion: Any
+    config: dict = field(default_factory=dict)
+
+
+def resolve(spec: RunSpec) -> Resolved:
+    from benchmark.data import AugConfig, LoaderConfig, SynthSpec
+    from benchmark.engine.optim import TrainConfig
+    from benchmark.engine.presets import get_preset
+    from benchmark.schedules import get_schedule
+    from methods import get_method
+    from protocols import get_protocol
+
+    ov = spec.override_dict
+    check_sections(ov, OVERRIDE_SECTIONS)
+    protocol = get_protocol(spec.protocol)
+    method = get_method(spec.method, protocol.name)
+    if ov.get("method"):
+        method = type(method)(apply_overrides(method.hparams, ov["method"], "method"))
+    schedule = get_schedule(spec.schedule, protocol)
+    schedule = type(schedule)(
+        name=schedule.name,
+        step0=apply_overrides(schedule.step0, ov.get("step0", {}), "step0"),
+        increment=apply_overrides(schedule.increment, ov.get("increment", {}), "increment"),
+        joint=apply_overrides(schedule.joint, ov.get("joint", {}), "joint"),
+        source=schedule.source,
+        checkpoint_every=schedule.checkpoint_every,
+    )
+    preset = apply_overrides(get_preset(spec.engine), ov.get("model", {}), "model")
+    per_step = sorted(set(ov.get("train", {})) & {"iterations", "batch_size", "lr"})
+    if per_step:
+        raise ConfigError(f"train.{per_step[0]} is set per step by the schedule",
+                          hint=f"use --set step0.{per_step[0]}=... and/or --set increment.{per_step[0]}=...")
+    train = apply_overrides(TrainConfig(checkpoint_every=schedule.checkpoint_every), ov.get("train", {}), "train")
+    aug = apply_overrides(AugConfig(), ov.get("data", {}) and {k: v for k, v in ov["data"].items()
+                                                              if k in AugConfig.__dataclass_fields__}, "data")
+    loader = apply_overrides(LoaderConfig(), {k: v for k, v in ov.get("data", {}).items()
+                                             if k not in AugConfig.__dataclass_fields__}, "data")
+    synth = apply_overrides(SynthSpec(num_classes=protocol.num_dataset_classes) if protocol.dataset.startswith("synth")
+                            else SynthSpec(), ov.get("synth", {}), "synth")
+    from benchmark.engine.criterion import SetCriterion
+
+    criterion = apply_overrides(SetCriterion(num_points=preset.train_num_points), ov.get("loss", {}), "loss")
+    train_protocol = protocol.as_joint() if method.joint else protocol
+    config = {"loss": to_jsonable(criterion),
+        "engine": spec.engine, "schedule": schedule.to_dict(), "model": to_jsonable(preset),
+        "train": to_jsonable(train), "data": {"aug": to_jsonable(aug), "loader": to_jsonable(loader)},
+        "method_hparams": method.hparams.to_dict(), "backbone_weights": spec.backbone_weights,
+    }
+    if protocol.dataset.startswith("synth"):
+        config["synth"] = to_jsonable(synth)
+    else:
+        config["data_root"] = str(Path(spec.data_root).resolve())
+    return Resolved(spec, protocol, train_protocol, method, schedule, preset, train, aug, loader, synth,
+                    criterion, json.loads(json.dumps(config)))
+
+
+# ---- datasets -------------------------------------------------------------------------------------
+def open_split(r: Resolved, split: str):
+    from benchmark.data import open_dataset
+
+    if r.protocol.dataset.startswith("synth"):
+        return open_dataset(r.protocol.dataset, None, split, spec=r.synth, progress=False)
+    return open_dataset(r.protocol.dataset, r.spec.data_root, split)
+
+
+# ---- plan (dry run) -------------------------------------------------------------------------------
+def describe_plan(specs: Sequence[RunSpec]) -> str:
+    from benchmark.data import step_indices
+    from tabulate import tabulate
+
+    lines = []
+    seen_protocols = {}
+    for spec in specs:
+        r = resolve(spec)
+        lines.append(f"run {spec.run_dir(r.protocol.name)}  (engine {spec.engine}, schedule {spec.schedule}, "
+                     f"device {spec.device})")
+        key = (r.train_protocol.name, spec.data_root)
+        if key in seen_protocols:
+            continue
+        try:
+            train_ds = open_split(r, "train")
+            counts = [len(step_indices(train_ds, r.train_protocol, t)) for t in range(r.train_protocol.num_steps)]
+        except UserError as err:
+            counts = [f"n/a ({err.message.splitlines()[0]})"] * r.train_protocol.num_steps
+        rows = []
+        for t, classes in enumerate(r.train_protocol.steps):
+            sched = r.schedule.for_step(t, joint=r.method.joint)
+            shown = ", ".join(map(str, classes)) if len(classes) <= 12 else \
+                f"{', '.join(map(str, classes[:6]))}, ... ({len(classes)} classes)"
+            rows.append((t, len(classes), shown, counts[t], sched.iterations, sched.batch_size, sched.lr))
+        seen_protocols[key] = tabulate(rows, headers=["step", "#new", "classes", "train images", "iters",
+                                                     "batch", "lr"])
+        lines.append(f"\nprotocol {r.train_protocol.name} ({r.protocol.dataset}, {r.protocol.task}, "
+                     f"{r.protocol.mode}):\n" + seen_protocols[key] + "\n")
+    return "\n".join(lines)
+
+
+# ---- one run ----------------------------------------------------------------------------------------
+def _git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "numpy", "pycocotools", "cisdq-bench"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_recorded_config(store, r: Resolved) -> None:
+    """Refuse to mix results of different configurations in one run folder."""
+    recorded = store.read_run_json()
+    if recorded is None:
+        return
+    same = (recorded.get("config") == r.config and recorded.get("protocol_fingerprint") == r.protocol.fingerprint)
+    if same:
+        return
+    if not r.spec.overwrite:
+        diff = sorted(k for k in set(recorded.get("config", {})) | set(r.config)
+                      if recorded.get("config", {}).get(k) != r.config.get(k))
+        raise ConfigError(
+            f"{store.run_dir} holds a run with a different configuration (differs in: {', '.join(diff) or 'protocol'})",
+            hint="use another --out folder, or --overwrite to delete that run and start again")
+    log.warning("--overwrite: deleting %s (recorded configuration differs)", store.run_dir)
+    shutil.rmtree(store.run_dir)
+
+
+def _step0_key(r: Resolved) -> str:
+    blob = json.dumps({"protocol": r.protocol.fingerprint, "seed": r.spec.seed, "config": {
+        k: v for k, v in r.config.items() if k not in ("method_hparams",)} | {"schedule": vars(r.schedule.step0)},
+        "dataset": r.protocol.dataset}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path, enabled: bool):
+    if not enabled:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+class StepRunner:
+    """Trains and evaluates the steps of one resolved run (the engine does the work)."""
+
+    def __init__(self, r: Resolved, show_progress: bool = True):
+        from benchmark.engine.device import DistributedContext
+
+        self.r = r
+        # under torchrun every rank binds its own GPU (local rank); without it this is resolve_device.
+        self.dist = DistributedContext.from_env(r.spec.device)
+        self.device = self.dist.device(r.spec.device)
+        self.show_progress = show_progress and self.dist.is_main
+        self._train_ds = None
+        self._val_ds = None
+
+    # datasets are opened lazily: a resumed run whose steps are all done opens nothing.
+    @property
+    def train_ds(self):
+        if self._train_ds is None:
+            self._train_ds = open_split(self.r, "train")
+        return self._train_ds
+
+    @property
+    def val_ds(self):
+        if self._val_ds is None:
+            self._val_ds = open_split(self.r, "val")
+        return self._val_ds
+
+    def initial_model(self):
+        from benchmark.engine.model import build_model
+
+        proto = self.r.train_protocol
+        layout = self.r.method.initial_layout(proto, self.r.preset)
+        model = build_model(self.r.preset, layout)
+        if self.r.spec.backbone_weights:
+            from benchmark.engine.backbone_weights import load_backbone_weights
+
+            load_backbone_weights(model, self.r.spec.backbone_weights)
+        return model
+
+    def load_model(self, weights_path: Path):
+        from benchmark.engine.checkpoint import load_weights
+        from benchmark.engine.model import build_model
+
+        layout, state = load_weights(weights_path)
+        model = build_model(self.r.preset, layout)
+        model.load_state_dict(state)
+        return model
+
+    def train_step(self, t: int, prev_weights: Path | None, work_dir: Path):
+        """Train step t in ``work_dir`` (resuming its in-step checkpoint); returns the trained model."""
+        from dataclasses import replace as dc_replace
+
+        from benchmark.data import TrainLoader, TrainView, single_pass
+        from benchmark.engine.device import plan_batches, seed_everything
+        from benchmark.engine.trainer import train_step_loop
+        from methods.base import StepContext
+
+        r, proto = self.r, self.r.train_protocol
+        sched = r.schedule.for_step(t, joint=r.method.joint)
+        seed_everything(r.spec.seed * 1000 + t)
+        model = self.initial_model() if prev_weights is None else self.load_model(prev_weights)
+        model.to(self.device)
+        old_model = None
+        if t > 0 and r.method.needs_old_model:
+            old_model = model.frozen_copy()
+        criterion = r.criterion
+        view = TrainView(self.train_ds, proto, t, dc_replace(r.aug, crop_size=sched.crop_size))
+        cfg = dc_replace(r.train, iterations=sched.iterations, batch_size=sched.batch_size, lr=sched.lr)
+        per_rank = plan_batches(cfg.batch_size, self.dist.world_size, cfg.max_device_batch).micro_batch
+
+        data_seed = r.spec.seed * 1000 + t
+
+        def iterate_train():
+            """One ordered pass over the step's training images (for old-model statistics)."""
+            return single_pass(view, batch_size=per_rank, seed=data_seed, workers=r.loader.workers)
+
+        ctx = StepContext(protocol=proto, step=t, num_old=len(proto.old(t)), num_seen=len(proto.seen(t)),
+                          task=proto.task, criterion=criterion, device=self.device, old_model=old_model,
+                          iterate_train=iterate_train, iterations=sched.iterations)
+        r.method.configure_model(model, ctx)
+        model.to(self.device)
+        r.method.before_step(ctx)
+        loader = TrainLoader(view, batch_size=per_rank, seed=data_seed, workers=r.loader.workers,
+                             rank=self.dist.rank, world_size=self.dist.world_size)
+        fingerprint = hashlib.sha256(json.dumps([r.config, r.protocol.fingerprint, r.spec.seed],
+                                                sort_keys=True).encode()).hexdigest()
+        stats = train_step_loop(model, r.method, ctx, loader, cfg,
+                                checkpoint_path=work_dir / f"step_{t:02d}.inprogress.pt",
+                                device=self.device, dist=self.dist, progress=self.show_progress,
+                                fingerprint=fingerprint, desc=f"{r.spec.method} step {t}/{proto.num_steps - 1}")
+        loader.close()
+        r.method.after_step(ctx)
+        return model, stats
+
+    def evaluate(self, model, t: int):
+        from benchmark.data import EvalView, eval_loader
+        from benchmark.engine.evaluate import evaluate
+
+        sched = self.r.schedule.for_step(t, joint=self.r.method.joint)
+        # evaluate() shards the loader over DDP ranks itself.
+        loader = eval_loader(EvalView(self.val_ds, sched.eval_size), workers=self.r.loader.evaluation_workers)
+        return evaluate(model, loader, self.r.train_protocol, t, self.device, self.r.protocol.task,
+                        mask_mode=self.r.criterion.mask_mode, progress=self.show_progress,
+                        score_threshold=getattr(self.r.method, "instance_score_threshold", 0.0))
+
+    def write_step(self, store, t: int, model, result, seconds: float) -> None:
+        from benchmark.engine.checkpoint import save_weights
+        from benchmark.store import instance_rows, semantic_rows
+
+        r = self.r
+        ident = dict(method=r.spec.method, protocol=r.protocol, seed=r.spec.seed, step=t)
+        tmp = store.run_dir / f".weights_{t:02d}.pt"
+        save_weights(model, tmp)
+        if r.protocol.task == "semantic":
+            rows = semantic_rows(matrix=result.matrix, class_ids=result.class_ids, **ident)
+            store.write_step(t, confusion=(result.matrix, result.class_ids), weights_path=tmp, metrics_rows=rows,
+                             extra={"seconds": seconds})
+        else:
+            ap = result.per_class_ap(self.val_ds.coco_json_path)
+            rows = instance_rows(per_class=ap, **ident)
+            store.write_step(t, detections=result.detections, weights_path=tmp, metrics_rows=rows,
+                             extra={"seconds": seconds})
+
+
+def run_one(spec: RunSpec, show_progress: bool = True, on_step_done=None) -> Path:
+    """Run (or resume) every step of one (method, protocol, seed); returns the run folder."""
+    from benchmark.store import RunStore
+
+    r = resolve(spec)
+    run_dir = spec.run_dir(r.protocol.name)
+    store = RunStore(run_dir)
+    runner = StepRunner(r, show_progress=show_progress)
+    is_main = runner.dist.is_main
+    if is_main:
+        _check_recorded_config(store, r)
+    runner.dist.barrier()
+    header = {
+        "method": spec.method, "protocol": r.protocol.name, "seed": spec.seed, "config": r.config,
+        "protocol_name": r.protocol.name, "protocol_fingerprint": r.protocol.fingerprint,
+        "protocol_definition": r.protocol.to_dict(), "trained_protocol": r.train_protocol.name,
+        "versions": _versions(), "git_revision": _git_revision(), "device": str(runner.device),
+        "world_size": runner.dist.world_size, "host": socket.gethostname(),
+    }
+    recorded = store.read_run_json() or {}
+    timings = dict(recorded.get("timings", {}))
+    with _log_to(run_dir / "log.txt", enabled=is_main):
+        log.info("run %s: %s on %s, seed %d", run_dir, spec.method, r.protocol.name, spec.seed)
+        prev_weights: Path | None = None
+        for t in range(r.train_protocol.num_steps):
+            if store.is_done(t):
+                log.info("step %d already done: skipped", t)
+                prev_weights = store.weights_path(t)
+                if on_step_done:
+                    on_step_done()
+                continue
+            if r.protocol.task == "instance" and is_main:
+                header["val_annotations"] = str(runner.val_ds.coco_json_path)
+            if is_main:
+                store.write_run_json(header | {"timings": timings})
+            start = time.time()
+            if t == 0 and r.method.shares_standard_step0 and not r.method.joint:
+                model, result = _shared_step0(runner)
+            else:
+                model, stats = runner.train_step(t, prev_weights, run_dir)
+                log.info("step %d trained: %s", t, stats)
+                result = runner.evaluate(model, t)
+            seconds = time.time() - start
+            timings[f"step_{t:02d}"] = round(seconds, 2)
+            if is_main:
+                runner.write_step(store, t, model, result, seconds)
+                store.write_run_json(header | {"timings": timings})
+                (run_dir / f"step_{t:02d}.inprogress.pt").unlink(missing_ok=True)
+            runner.dist.barrier()
+            prev_weights = store.weights_path(t)
+            if on_step_done:
+                on_step_done()
+    return run_dir
+
+
+def _shared_step0(runner: StepRunner):
+    """Step 0 from the content-addressed cache, training it there first if needed."""
+    from benchmark.store import RunStore
+
+    r = runner.r
+    cache = RunStore(Path(r.spec.out) / "_step0" / _step0_key(r))
+    with _file_lock(cache.run_dir / ".lock"):
+        if not cache.is_done(0):
+            log.info("training the shared step 0 in %s", cache.run_dir)
+            if runner.dist.is_main:
+                cache.write_run_json({"method": "step0-cache", "protocol": r.protocol.name, "seed": r.spec.seed,
+                                      "config": r.config})
+            model, stats = runner.train_step(0, None, cache.run_dir)
+            result = runner.evaluate(model, 0)
+            if runner.dist.is_main:
+                runner.write_step(cache, 0, model, result, 0.0)
+                (cache.run_dir / "step_00.inprogress.pt").unlink(missing_ok=True)
+            runner.dist.barrier()
+            return model, result
+        log.info("step 0 reused from %s", cache.run_dir)
+        model = runner.load_model(cache.weights_path(0)).to(runner.device)
+        return model, cache.step_result(0)
+
+
+def run_sequence(specs: Sequence[RunSpec]) -> list[Path]:
+    """Runs one after another with an overall progress bar (runs x steps)."""
+    from tqdm.auto import tqdm
+
+    from protocols import get_protocol
+
+    def n_steps(spec):
+        from methods import get_method_class
+
+        return 1 if get_method_class(spec.method).joint else get_protocol(spec.protocol).num_steps
+
+    total = sum(n_steps(s) for s in specs)
+    main = int(os.environ.get("RANK", "0")) == 0
+    out = []
+    with tqdm(total=total, desc="benchmark", unit="step", position=0, disable=not main or None) as bar:
+        for spec in specs:
+            bar.set_postfix_str(f"{spec.method} {spec.protocol} seed {spec.seed}")
+            out.append(run_one(spec, show_progress=True, on_step_done=lambda: bar.update(1)))
+    return out
+
+
+def print_final_summary(out: Path, specs: Sequence[RunSpec]) -> None:
+    """The final-step base/novel/all table of the runs just made, in the terminal."""
+    from benchmark.report import final_table
+
+    print()
+    print(final_table(out, protocols=sorted({get_protocol_name(s) for s in specs})))
+
+
+def get_protocol_name(spec: RunSpec) -> str:
+    from protocols import get_protocol
+
+    return get_protocol(spec.protocol).name
