@@ -1,0 +1,202 @@
+"""The runner end to end on a tiny synthetic protocol: results store, resume after a kill, the grid.
+
+Every run here trains the tiny preset for a handful of iterations on 32-px synthetic images: the
+numbers are meaningless, the behaviour (what is written, what is skipped, what is identical) is not.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmark.config import parse_set_options
+from benchmark.errors import ConfigError
+from benchmark.runner import RunSpec, run_one
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL = "synth-10-5"
+
+TINY = {
+    "synth": {"train_images": "30", "val_images": "6", "min_size": "32", "max_size": "40"},
+    "step0": {"iterations": "4", "batch_size": "2", "crop_size": "32", "eval_size": "32"},
+    "increment": {"iterations": "3", "batch_size": "2", "crop_size": "32", "eval_size": "32"},
+    "joint": {"iterations": "4", "batch_size": "2", "crop_size": "32", "eval_size": "32"},
+    "train": {"checkpoint_every": "1"},
+}
+
+
+def tiny_args(extra=()):
+    args = []
+    for section, kv in TINY.items():
+        for k, v in kv.items():
+            args += ["--set", f"{section}.{k}={v}"]
+    return args + list(extra)
+
+
+def spec(method, out, **kw):
+    ov = parse_set_options(tiny_args()[1::2])
+    frozen = tuple(sorted((s, tuple(sorted(kv.items()))) for s, kv in ov.items()))
+    return RunSpec(method=method, protocol=PROTOCOL, seed=0, device="cpu", out=str(out), overrides=frozen, **kw)
+
+
+def cli(*args, env=None, check=True):
+    out = subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), *args], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics(run_dir):
+    return pd.read_csv(Path(run_dir) / "metrics.csv").sort_values(["step", "class_id", "metric"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """finetune and joint, run once through the command line (with the report)."""
+    out = tmp_path_factory.mktemp("results")
+    res = cli("--methods", "finetune", "joint", "--protocol", PROTOCOL, "--device", "cpu", "--out", str(out),
+              *tiny_args())
+    return out, res
+
+
+def test_end_to_end_writes_the_store_and_the_report(finished):
+    out, res = finished
+    run = out / PROTOCOL / "finetune" / "seed0"
+    info = json.loads((run / "run.json").read_text())
+    assert list(info)[:3] == ["method", "protocol", "seed"]
+    assert info["protocol_fingerprint"] and info["config"]["schedule"]["step0"]["iterations"] == 4
+    for t in range(3):
+        step = run / f"step_{t:02d}"
+        assert (step / "DONE").is_file() and (step / "weights.pt").is_file()
+        with np.load(step / "confusion.npz") as z:
+            assert z["matrix"].dtype == np.int64 and list(z["class_ids"]) == list(range(1, 21))
+    assert not list(run.glob("*.inprogress.pt"))
+    rows = metrics(run)
+    assert set(rows["step"]) == {0, 1, 2} and set(rows["metric"]) == {"iou"}
+    assert len(rows) == 3 * 20 and not rows.duplicated(["step", "class_id", "metric"]).any()
+    joint = out / PROTOCOL / "joint" / "seed0"
+    assert (joint / "step_00" / "DONE").is_file() and not (joint / "step_01").exists()
+    assert (out / "report" / "summary.csv").is_file() and (out / "report" / "tables.tex").is_file()
+    assert "Fine-tuning" in res.stdout and "Joint" in res.stdout      # the final summary table
+    assert (run / "log.txt").read_text().count("step 1") >= 1
+
+
+def test_same_command_again_skips_finished_steps(finished):
+    out, _ = finished
+    run = out / PROTOCOL / "finetune" / "seed0"
+    before = {p: p.stat().st_mtime_ns for p in run.glob("step_*/weights.pt")}
+    started = time.time()
+    cli("--methods", "finetune", "--protocol", PROTOCOL, "--device", "cpu", "--out", str(out), "--no-report",
+        *tiny_args())
+    assert {p: p.stat().st_mtime_ns for p in run.glob("step_*/weights.pt")} == before
+    assert "already done" in (run / "log.txt").read_text()
+    assert time.time() - started < 120
+
+
+def test_changed_configuration_is_refused_unless_overwrite(finished):
+    out, _ = finished
+    res = cli("--methods", "finetune", "--protocol", PROTOCOL, "--device", "cpu", "--out", str(out), "--no-report",
+              *tiny_args(["--set", "increment.lr=0.002"]), check=False)
+    assert res.returncode == 2 and "different configuration" in res.stderr and "Traceback" not in res.stderr
+    assert "--overwrite" in res.stderr
+
+
+def test_shared_step0_is_reused_across_methods(tmp_path):
+    a = run_one(spec("finetune", tmp_path), show_progress=False)
+    caches = list((tmp_path / "_step0").iterdir())
+    assert len(caches) == 1
+    with np.load(a / "step_00" / "confusion.npz") as z, np.load(caches[0] / "step_00" / "confusion.npz") as c:
+        assert np.array_equal(z["matrix"], c["matrix"])
+
+
+def test_sigkill_mid_step_then_same_command_gives_identical_metrics(tmp_path):
+    """A real SIGKILL in the middle of step 1, then the same command: metrics equal an uninterrupted run."""
+    args = ["--methods", "finetune", "--protocol", PROTOCOL, "--device", "cpu", "--no-report",
+            *tiny_args(["--set", "increment.iterations=6"])]
+    cli(*args, "--out", str(tmp_path / "clean"))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_benchmark.py"), *args, "--out", str(killed)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / PROTOCOL / "finetune" / "seed0" / "step_01.inprogress.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "the run finished before it could be killed mid-step"
+    assert not (killed / PROTOCOL / "finetune" / "seed0" / "step_01" / "DONE").exists()
+    cli(*args, "--out", str(killed))
+    run_dir = killed / PROTOCOL / "finetune" / "seed0"
+    assert "resuming from iteration" in (run_dir / "log.txt").read_text()
+    pd.testing.assert_frame_equal(metrics(tmp_path / "clean" / PROTOCOL / "finetune" / "seed0"), metrics(run_dir))
+
+
+def test_interrupted_step_resumes_without_recomputing_finished_steps(tmp_path, monkeypatch):
+    """An exception in step 2 (a stand-in for a crash): steps 0-1 stay done, step 2 resumes mid-way."""
+    from methods.finetune import Finetune
+
+    s = spec("finetune", tmp_path)
+    original = Finetune.loss
+    calls = {"n": 0}
+
+    def crashing(self, batch, outputs, old_outputs, ctx):
+        if ctx.step == 2 and ctx.iteration == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, batch, outputs, old_outputs, ctx)
+
+    monkeypatch.setattr(Finetune, "loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_one(s, show_progress=False)
+    run_dir = s.run_dir()
+    assert (run_dir / "step_01" / "DONE").is_file() and not (run_dir / "step_02" / "DONE").exists()
+    monkeypatch.setattr(Finetune, "loss", original)
+    step1 = (run_dir / "step_01" / "weights.pt").stat().st_mtime_ns
+    run_one(s, show_progress=False)
+    assert (run_dir / "step_02" / "DONE").is_file()
+    assert (run_dir / "step_01" / "weights.pt").stat().st_mtime_ns == step1
+
+
+def test_unknown_set_key_is_an_error(tmp_path):
+    ov = (("method", (("no_such_weight", "1"),)),)
+    with pytest.raises(ConfigError, match="no_such_weight"):
+        run_one(RunSpec(method="finetune", protocol=PROTOCOL, out=str(tmp_path), overrides=ov), show_progress=False)
+
+
+def test_joblib_grid_and_submitit_local_executor(tmp_path):
+    import submitit
+
+    from benchmark.parallel import run_grid, submit_grid
+
+    specs = [spec("finetune", tmp_path / "grid"), spec("joint", tmp_path / "grid")]
+    dirs = run_grid(specs, jobs=2)
+    assert sorted(d.parent.name for d in dirs) == ["finetune", "joint"]
+    assert all((d / "metrics.csv").is_file() for d in dirs)
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "submitit"))
+    executor.update_parameters(timeout_min=10)
+    [d] = submit_grid([spec("joint", tmp_path / "slurm")], executor=executor)
+    assert (d / "step_00" / "DONE").is_file()
+    pd.testing.assert_frame_equal(metrics(d), metrics(tmp_path / "grid" / PROTOCOL / "joint" / "seed0"))
+
+
+def test_torchrun_two_gloo_processes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", str(ROOT / "run_benchmark.py"), "--methods", "joint",
+                          "--protocol", PROTOCOL, "--device", "cpu", "--out", str(tmp_path), "--no-report",
+                          # 2 images per rank: BatchNorm needs more than one value per channel
+                          *tiny_args(["--set", "joint.batch_size=4"])], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / PROTOCOL / "joint" / "seed0"
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    rows = metrics(run)
+    assert len(rows) == 20 and not rows.duplicated(["step", "class_id"]).any()
