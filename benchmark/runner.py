@@ -113,13 +113,15 @@ def resolve(spec: RunSpec) -> Resolved:
         joint=apply_overrides(schedule.joint, ov.get("joint", {}), "joint"),
         source=schedule.source,
         checkpoint_every=schedule.checkpoint_every,
+        backbone_multiplier=schedule.backbone_multiplier,
     )
     preset = apply_overrides(get_preset(spec.engine), ov.get("model", {}), "model")
     per_step = sorted(set(ov.get("train", {})) & {"iterations", "batch_size", "lr"})
     if per_step:
         raise ConfigError(f"train.{per_step[0]} is set per step by the schedule",
                           hint=f"use --set step0.{per_step[0]}=... and/or --set increment.{per_step[0]}=...")
-    train = apply_overrides(TrainConfig(checkpoint_every=schedule.checkpoint_every), ov.get("train", {}), "train")
+    train = apply_overrides(TrainConfig(checkpoint_every=schedule.checkpoint_every,
+                                        backbone_multiplier=schedule.backbone_multiplier), ov.get("train", {}), "train")
     aug = apply_overrides(AugConfig(), ov.get("data", {}) and {k: v for k, v in ov["data"].items()
                                                               if k in AugConfig.__dataclass_fields__}, "data")
     loader = apply_overrides(LoaderConfig(), {k: v for k, v in ov.get("data", {}).items()
