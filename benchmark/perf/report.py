@@ -1,0 +1,102 @@
+"""The JSON (exactly :data:`JSON_KEYS`) and the Markdown tables of a performance run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from benchmark.perf.cases import all_cases
+from benchmark.perf.settings import CONFUSION_GOAL, ENGINE_GOAL, LOADER_GOAL, METHOD_GOALS
+from benchmark.perf.suite import METHODS, PerfResult
+
+JSON_KEYS = (
+    "engine_step_ratio_vs_transformers",
+    "method_step_ratio_vs_finetune",
+    "confusion_speedup_vs_torchmetrics",
+    "loader_to_train_throughput",
+    "peak_memory_mib",
+)
+
+CASE_LABELS = {
+    "engine_step": "engine training step (fine-tune, step 0)",
+    "transformers_step": "transformers Mask2FormerForUniversalSegmentation step",
+    "confusion": "confusion accumulation (benchmark.metrics)",
+    "confusion_torchmetrics": "confusion accumulation (torchmetrics MulticlassJaccardIndex)",
+    "loader": "training data loader",
+}
+
+
+def _round(value: float) -> float:
+    return round(float(value), 3)
+
+
+def to_json(result: PerfResult) -> dict[str, Any]:
+    """Exactly the keys of :data:`JSON_KEYS`; each maps a device ("cpu", "cuda") to its measurement.
+
+    ``peak_memory_mib`` maps each device to ``{case: {"peak": MiB, "above_setup": MiB}}`` (``null`` per case
+    when the run skipped memory measurements).
+    """
+    out: dict[str, Any] = {key: {} for key in JSON_KEYS}
+    for d in result.devices:
+        out["engine_step_ratio_vs_transformers"][d.device] = _round(d.engine_ratio)
+        out["method_step_ratio_vs_finetune"][d.device] = {m: _round(d.method_ratios[m]) for m in METHODS}
+        out["confusion_speedup_vs_torchmetrics"][d.device] = _round(d.confusion_speedup)
+        out["loader_to_train_throughput"][d.device] = _round(d.loader_ratio)
+        out["peak_memory_mib"][d.device] = {
+            name: None if d.cases[name].memory is None else d.cases[name].memory.to_dict()
+            for name in all_cases(METHODS)}
+    return out
+
+
+def write_json(result: PerfResult, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(result), indent=2) + "\n")
+
+
+def _goal_rows(result: PerfResult) -> list[list[str]]:
+    rows = []
+
+    def add(label: str, device: str, value: float, goal: float, at_most: bool) -> None:
+        met = value <= goal if at_most else value >= goal
+        rows.append([label, device, f"{value:.2f}", ("<= " if at_most else ">= ") + f"{goal:g}",
+                     "yes" if met else "**no**"])
+
+    for d in result.devices:
+        add("engine step / transformers step", d.device, d.engine_ratio, ENGINE_GOAL, True)
+        for m in METHODS:
+            add(f"{m} step / finetune step (step 1)", d.device, d.method_ratios[m], METHOD_GOALS[m], True)
+        add("confusion: torchmetrics time / ours", d.device, d.confusion_speedup, CONFUSION_GOAL, False)
+        add("loader images/s / training images/s", d.device, d.loader_ratio, LOADER_GOAL, False)
+    return rows
+
+
+def _case_rows(result: PerfResult) -> list[list[str]]:
+    rows = []
+    for d in result.devices:
+        for name in all_cases(METHODS):
+            case = d.cases[name]
+            label = CASE_LABELS.get(name) or f"{name[: -len('_step1')]} training step (step 1)"
+            time = "" if case.seconds is None else f"{case.seconds * 1000:.1f} ms / {case.unit}"
+            memory = ("", "") if case.memory is None else (f"{case.memory.peak:.0f}", f"{case.memory.above_setup:.0f}")
+            rows.append([label, d.device, time, f"{case.throughput:.1f} {case.throughput_unit}", *memory])
+    return rows
+
+
+def markdown(result: PerfResult) -> str:
+    """The settings line, the goals table and the per-case table (median time, throughput, peak memory)."""
+    env = result.environment
+    devices = ", ".join(f"{d} ({name})" for d, name in env["devices"].items())
+    header = (f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} torch thread(s); "
+              f"devices: {devices}.  \n"
+              f"Protocol {env['protocol']}, engine {env['engine']}, schedule {env['schedule']} (batch "
+              f"{env['batch_size']}, crop {env['crop_size']}, {env['loss_points']} loss points), loader workers "
+              f"{env['workers']}; median of {env['repeats']} interleaved rounds after {env['warmup']} warm-up.")
+    goals = tabulate(_goal_rows(result), headers=["measurement", "device", "value", "goal", "met"],
+                     tablefmt="github")
+    cases = tabulate(_case_rows(result), headers=["case", "device", "median time", "throughput",
+                                                  "peak memory (MiB)", "above set-up (MiB)"], tablefmt="github")
+    return f"{header}\n\n{goals}\n\n{cases}\n"

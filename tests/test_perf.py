@@ -1,0 +1,117 @@
+"""The performance harness on tiny settings: it runs end to end, the JSON has exactly its keys, the stock
+comparison is the same computation, a memory subprocess reports. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmark.perf import PerfSettings, run_perf
+from benchmark.perf.__main__ import main
+from benchmark.perf.cases import CaseBuilder, all_cases
+from benchmark.perf.memory import measure
+from benchmark.perf.profiling import write_profiles
+from benchmark.perf.report import JSON_KEYS, markdown, to_json, write_json
+from benchmark.perf.steps import StockStep
+from benchmark.perf.suite import METHODS
+from benchmark.perf.timing import interleaved, steady_iteration_seconds
+
+TINY_RUN = (
+    ("model", (("encoder_layers", "1"), ("decoder_layers", "2"), ("train_num_points", "64"))),
+    ("synth", (("train_images", "40"), ("val_images", "4"), ("min_size", "32"), ("max_size", "48"))),
+    ("step0", (("iterations", "2"), ("batch_size", "2"), ("crop_size", "32"))),
+    ("increment", (("batch_size", "2"), ("crop_size", "32"))),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_settings() -> PerfSettings:
+    return PerfSettings(overrides=TINY_RUN, repeats=5, warmup=0, step_iterations=3, plop_batches=1,
+                        confusion_maps=2, confusion_size=64, confusion_classes=12, loader_batches=1,
+                        threads=1, memory=False, memory_iterations=1)
+
+
+def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tmp_path):
+    result = run_perf(tiny_settings, tmp_path / "work")
+    data = to_json(result)
+    assert tuple(data) == JSON_KEYS
+    assert all(set(value) == {"cpu"} for value in data.values())
+    for key in ("engine_step_ratio_vs_transformers", "confusion_speedup_vs_torchmetrics", "loader_to_train_throughput"):
+        assert data[key]["cpu"] > 0 and math.isfinite(data[key]["cpu"])
+    assert set(data["method_step_ratio_vs_finetune"]["cpu"]) == {"mib", "plop", "comformer", "cisdq"}
+    assert all(v > 0 for v in data["method_step_ratio_vs_finetune"]["cpu"].values())
+    # memory was skipped: every case is listed, with no value
+    assert data["peak_memory_mib"]["cpu"] == {name: None for name in all_cases(METHODS)}
+    # the step-0 models were trained once and kept for the memory subprocesses
+    assert {p.name for p in (tmp_path / "work" / "cpu").glob("step0_*.pt")} == {"step0_finetune.pt", "step0_cisdq.pt"}
+
+    path = tmp_path / "out" / "perf.json"
+    write_json(result, path)
+    assert json.loads(path.read_text()) == data
+    table = markdown(result)
+    assert "| engine step / transformers step" in table and "cisdq step / finetune step" in table
+    assert "1 torch thread(s)" in table and "batch 2, crop 32, 64 loss points" in table
+
+
+def test_stock_step_computes_what_the_engine_step_computes(tiny_settings, tmp_path):
+    """Same weights, batch, seed and loss settings: one iteration of each moves the weights alike."""
+    builder = CaseBuilder(tiny_settings, "cpu", tmp_path)
+    engine = builder.engine_case()
+    stock = StockStep(engine)
+    assert stock.stock.config.train_num_points == engine.ctx.criterion.num_points
+    torch.manual_seed(3)
+    engine.run(1)
+    torch.manual_seed(3)
+    stock.run(1)
+    ours = dict(engine.model.named_parameters())
+    theirs = dict(stock.stock.named_parameters())
+    moved = 0
+    for name, value in ours.items():
+        other = theirs[name.replace("class_heads.0.", "class_predictor.")]
+        assert torch.allclose(value, other, atol=1e-6), name
+        moved += not torch.equal(value, engine.initial_state[name])
+    assert moved > len(ours) // 2
+
+
+def test_profile_tables_name_the_engine_code(tiny_settings, tmp_path):
+    engine = CaseBuilder(tiny_settings, "cpu", tmp_path / "work").engine_case()
+    (path,) = write_profiles({"engine_step": lambda: engine.run(3)}, "cpu", tmp_path / "profiles")
+    assert path == tmp_path / "profiles" / "cpu" / "engine_step.txt"
+    text = path.read_text()
+    assert "aten::" in text and "benchmark/engine/criterion.py" in text and "train_step_loop" in text
+
+
+def test_memory_subprocess_reports_a_peak(tiny_settings, tmp_path):
+    result = measure(tiny_settings, "cpu", "confusion", tmp_path)
+    assert result.peak > 50 and 0 <= result.above_setup <= result.peak
+
+
+def test_interleaving_rotates_order_and_pairs_rounds():
+    calls = []
+    values = {"a": iter([9.0, 2.0, 4.0, 6.0]), "b": iter([9.0, 1.0, 1.0, 2.0])}
+
+    def case(name):
+        def run():
+            calls.append(name)
+            return next(values[name])
+        return run
+
+    m = interleaved({"a": case("a"), "b": case("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert m.samples == {"a": [2.0, 4.0, 6.0], "b": [1.0, 1.0, 2.0]}
+    assert m.ratio("a", "b") == 3.0 and m.median("a") == 4.0
+    assert steady_iteration_seconds([0.0, 5.0, 6.0, 8.0]) == 1.5
+    with pytest.raises(ValueError):
+        steady_iteration_seconds([0.0, 1.0])
+
+
+def test_settings_round_trip_and_refusals(tiny_settings, capsys):
+    assert PerfSettings.from_dict(json.loads(json.dumps(tiny_settings.to_dict()))) == tiny_settings
+    merged = dict(replace(tiny_settings, step0_iterations=7, workers=1).run_overrides())
+    assert dict(merged["step0"])["iterations"] == "7" and dict(merged["data"]) == {"workers": "1"}
+    assert main(["--repeats", "3", "--no-memory"]) == 2
+    assert "repeats must be at least 5" in capsys.readouterr().err
