@@ -35,7 +35,7 @@ def tiny_settings() -> PerfSettings:
                         threads=1, memory=False, memory_iterations=1)
 
 
-def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tmp_path):
+def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tmp_path, monkeypatch):
     result = run_perf(tiny_settings, tmp_path / "work")
     data = to_json(result)
     assert tuple(data) == JSON_KEYS
@@ -46,8 +46,18 @@ def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tm
     assert all(v > 0 for v in data["method_step_ratio_vs_finetune"]["cpu"].values())
     # memory was skipped: every case is listed, with no value
     assert data["peak_memory_mib"]["cpu"] == {name: None for name in all_cases(METHODS)}
-    # the step-0 models were trained once and kept for the memory subprocesses
-    assert {p.name for p in (tmp_path / "work" / "cpu").glob("step0_*.pt")} == {"step0_finetune.pt", "step0_cisdq.pt"}
+    # the step-0 models were trained once and kept, keyed by configuration, for later runs and subprocesses
+    kept = sorted(p.name.rsplit("_", 1)[0] for p in (tmp_path / "work" / "cpu").iterdir())
+    assert kept == ["step0_cisdq", "step0_finetune"]
+
+    def no_training(*args):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr("benchmark.perf.cases.train_step0", no_training)
+    again = CaseBuilder(tiny_settings, "cpu", tmp_path / "work" / "cpu").step0_model("mib")
+    assert again.layout == ((20, 10),)
+    with pytest.raises(AssertionError, match="trained again"):    # another configuration, another key
+        CaseBuilder(replace(tiny_settings, step0_iterations=3), "cpu", tmp_path / "work" / "cpu").step0_model("mib")
 
     path = tmp_path / "out" / "perf.json"
     write_json(result, path)

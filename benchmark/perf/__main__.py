@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also write torch.profiler and cProfile tables of every training-step case to DIR")
     p.add_argument("--work-dir", default=None, metavar="DIR",
-                   help="keep the trained step-0 models here (default: a temporary folder)")
+                   help="where the trained step-0 models are kept between runs (default: <cache>/perf, the "
+                        "cache being $CISDQ_BENCH_CACHE or ~/.cache/cisdq-bench)")
     # Internal: one memory measurement in this (fresh) process, called by benchmark.perf.memory.measure.
     for name in ("--memory-case", "--memory-device", "--memory-work-dir", "--memory-settings"):
         p.add_argument(name, default=None, help=argparse.SUPPRESS)

@@ -7,18 +7,20 @@ Cases:
   * ``confusion`` / ``confusion_torchmetrics``: confusion accumulation over the same label maps;
   * ``loader``: the training loader of step 0 with the configured workers.
 
-The step-0 models the methods start from are trained once per run and saved in ``work_dir``, so that
-the memory subprocesses load them instead of training again.
+The step-0 models the methods start from are trained once and kept in ``work_dir`` (default: the cache
+folder), keyed by their configuration, so that later runs and the memory subprocesses load them.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from benchmark.data.cache import digest
 from benchmark.perf import confusion
 from benchmark.perf.settings import PerfSettings
 from benchmark.perf.steps import (
@@ -68,16 +70,23 @@ class CaseBuilder:
         return self._runners[method]
 
     def step0_model(self, method: str):
-        """The step-0 model ``method`` continues from: the shared standard one, or the method's own."""
+        """The step-0 model ``method`` continues from: the shared standard one, or the method's own.
+
+        Trained once per (configuration, protocol, seed, device type) and kept in ``work_dir`` under that
+        key, so later runs and the memory subprocesses load it; an interrupted training resumes.
+        """
         from benchmark.engine.checkpoint import save_weights
 
         owner = BASELINE_METHOD if self.resolved(method).method.shares_standard_step0 else method
-        path = self.work_dir / f"step0_{owner}.pt"
-        runner = self.runner(owner)
+        r, runner = self.resolved(owner), self.runner(owner)
+        key = digest("perf-step0", r.config, r.protocol.fingerprint, r.spec.seed, runner.device.type)[:16]
+        path = self.work_dir / f"step0_{owner}_{key}.pt"
         if path.is_file():
             return runner.load_model(path).to(runner.device)
-        model = train_step0(runner, self.work_dir / f"train_{owner}")
+        train_dir = self.work_dir / f"train_{owner}_{key}"
+        model = train_step0(runner, train_dir)
         save_weights(model, path)
+        shutil.rmtree(train_dir, ignore_errors=True)
         return model
 
     # --- the cases ---------------------------------------------------------------------------------

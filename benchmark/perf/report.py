@@ -80,7 +80,7 @@ def _case_rows(result: PerfResult) -> list[list[str]]:
         for name in all_cases(METHODS):
             case = d.cases[name]
             label = CASE_LABELS.get(name) or f"{name[: -len('_step1')]} training step (step 1)"
-            time = "" if case.seconds is None else f"{case.seconds * 1000:.1f} ms / {case.unit}"
+            time = f"{case.seconds * 1000:.1f} ms / {case.unit}"
             memory = ("", "") if case.memory is None else (f"{case.memory.peak:.0f}", f"{case.memory.above_setup:.0f}")
             rows.append([label, d.device, time, f"{case.throughput:.1f} {case.throughput_unit}", *memory])
     return rows

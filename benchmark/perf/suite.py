@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import platform
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from benchmark.perf.cases import (
 from benchmark.perf.memory import MemoryResult, measure
 from benchmark.perf.profiling import write_profiles
 from benchmark.perf.settings import METHOD_GOALS, PerfSettings
-from benchmark.perf.steps import StockStep
-from benchmark.perf.timing import interleaved, steady_iteration_seconds, timed
+from benchmark.perf.steps import StepCase, StockStep
+from benchmark.perf.timing import Measurements, interleaved, steady_iteration_seconds, timed
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ METHODS = tuple(METHOD_GOALS)
 class CaseResult:
     """Median seconds of one unit of a case (``unit``: iteration, pass or batch) and its throughput."""
 
-    seconds: float | None
+    seconds: float
     unit: str
     throughput: float
     throughput_unit: str
@@ -63,65 +62,85 @@ class PerfResult:
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(torch.cuda.current_device())
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
+
+
+def _step_timings(runs: dict[str, StepCase | StockStep], settings: PerfSettings,
+                  device: str) -> tuple[Measurements, dict[str, CaseResult]]:
+    """Interleaved steady iteration times of step cases (StepCase / StockStep), profiled if asked."""
+    n = settings.step_iterations
+    timings = interleaved({name: (lambda case=case: steady_iteration_seconds(case.run(n)))
+                           for name, case in runs.items()}, settings.repeats, settings.warmup)
+    if settings.profile_dir:
+        write_profiles({name: (lambda case=case: case.run(n)) for name, case in runs.items()}, device,
+                       Path(settings.profile_dir))
+    cases = {name: CaseResult(timings.median(name), "iteration", case.images / timings.median(name), "images/s")
+             for name, case in runs.items()}
+    return timings, cases
+
+
+def measure_engine(builder: CaseBuilder) -> tuple[float, dict[str, CaseResult]]:
+    """Engine step / stock transformers step (fine-tune's step 0, same weights and batch)."""
+    engine = builder.engine_case()
+    timings, cases = _step_timings({"engine_step": engine, "transformers_step": StockStep(engine)},
+                                   builder.settings, builder.device)
+    return timings.ratio("engine_step", "transformers_step"), cases
+
+
+def measure_loader(builder: CaseBuilder) -> CaseResult:
+    """Images/s of the step-0 training loader (median over rounds)."""
+    s = builder.settings
+    loader, batch_size = builder.loader()
+    rate = statistics.median(loader_rates(loader, batch_size, s.repeats, s.loader_batches, s.warmup))
+    return CaseResult(batch_size / rate, "batch", rate, "images/s")
+
+
+def measure_methods(builder: CaseBuilder) -> tuple[dict[str, float], dict[str, CaseResult]]:
+    """Each method's step-1 iteration / fine-tune's (the step-0 models are trained first, once)."""
+    runs = {method_case_name(m): builder.method_case(m) for m in (BASELINE_METHOD, *METHODS)}
+    timings, cases = _step_timings(runs, builder.settings, builder.device)
+    baseline = method_case_name(BASELINE_METHOD)
+    return {m: timings.ratio(method_case_name(m), baseline) for m in METHODS}, cases
+
+
+def measure_confusion(builder: CaseBuilder) -> tuple[float, dict[str, CaseResult]]:
+    """torchmetrics accumulation time / ours over the same label maps (checked to give the same matrix)."""
+    s, device = builder.settings, builder.device
+    maps = builder.label_maps()
+    confusion.check_equal(maps, s.confusion_classes, device)
+    work = confusion.cases(maps, s.confusion_classes, device)
+    timings = interleaved({name: timed(work[name], device) for name in CONFUSION_CASES}, s.repeats, s.warmup)
+    pixels = sum(target.numel() for _, target in maps)
+    cases = {name: CaseResult(timings.median(name), f"pass ({len(maps)} maps)",
+                              pixels / timings.median(name) / 1e6, "Mpixel/s") for name in CONFUSION_CASES}
+    return timings.ratio("confusion_torchmetrics", "confusion"), cases
 
 
 def run_device(settings: PerfSettings, device: str, work_dir: Path) -> DeviceResult:
     """Every measurement on one device; the step-0 models are trained (once) into ``work_dir``."""
     builder = CaseBuilder(settings, device, work_dir)
-    n, repeats, warmup = settings.step_iterations, settings.repeats, settings.warmup
-    cases: dict[str, CaseResult] = {}
-
-    log.info("[%s] engine vs transformers training step (%d rounds + %d warm-up)", device, repeats, warmup)
-    engine = builder.engine_case()
-    stock = StockStep(engine)
-    steps = interleaved({"engine_step": lambda: steady_iteration_seconds(engine.run(n)),
-                         "transformers_step": lambda: steady_iteration_seconds(stock.run(n))}, repeats, warmup)
-    for name in ("engine_step", "transformers_step"):
-        seconds = steps.median(name)
-        cases[name] = CaseResult(seconds, "iteration", engine.images / seconds, "images/s")
-    engine_ratio = steps.ratio("engine_step", "transformers_step")
-    if settings.profile_dir:
-        write_profiles({"engine_step": lambda: engine.run(n), "transformers_step": lambda: stock.run(n)}, device,
-                       Path(settings.profile_dir))
-    del stock
+    rounds = f"{settings.repeats} rounds + {settings.warmup} warm-up"
+    log.info("[%s] engine vs transformers training step (%s)", device, rounds)
+    engine_ratio, cases = measure_engine(builder)
     clear_device_cache(device)
-
     log.info("[%s] training loader with %d worker(s)", device, builder.workers())
-    loader, batch_size = builder.loader()
-    rates = loader_rates(loader, batch_size, repeats, settings.loader_batches, warmup)
-    loader_rate = statistics.median(rates)
-    cases["loader"] = CaseResult(batch_size / loader_rate, "batch", loader_rate, "images/s")
-    loader_ratio = loader_rate / cases["engine_step"].throughput
-
-    log.info("[%s] methods at step 1 (training the step-0 models first)", device)
-    method_cases = {method_case_name(m): builder.method_case(m) for m in (BASELINE_METHOD, *METHODS)}
-    methods = interleaved({name: (lambda case=case: steady_iteration_seconds(case.run(n)))
-                           for name, case in method_cases.items()}, repeats, warmup)
-    for name, case in method_cases.items():
-        seconds = methods.median(name)
-        cases[name] = CaseResult(seconds, "iteration", case.images / seconds, "images/s")
-    baseline = method_case_name(BASELINE_METHOD)
-    method_ratios = {m: methods.ratio(method_case_name(m), baseline) for m in METHODS}
-    if settings.profile_dir:
-        write_profiles({name: (lambda case=case: case.run(n)) for name, case in method_cases.items()}, device,
-                       Path(settings.profile_dir))
-    del method_cases
+    cases["loader"] = measure_loader(builder)
+    loader_ratio = cases["loader"].throughput / cases["engine_step"].throughput
+    log.info("[%s] methods at step 1 (%s; the step-0 models are trained first)", device, rounds)
+    method_ratios, method_cases = measure_methods(builder)
+    cases.update(method_cases)
     clear_device_cache(device)
-
-    log.info("[%s] confusion accumulation vs torchmetrics", device)
-    maps = builder.label_maps()
-    confusion.check_equal(maps, settings.confusion_classes, device)
-    work = confusion.cases(maps, settings.confusion_classes, device)
-    matrices = interleaved({name: timed(work[name], device) for name in CONFUSION_CASES}, repeats, warmup)
-    pixels = sum(target.numel() for _, target in maps)
-    for name in CONFUSION_CASES:
-        seconds = matrices.median(name)
-        cases[name] = CaseResult(seconds, f"pass ({len(maps)} maps)", pixels / seconds / 1e6, "Mpixel/s")
-    speedup = matrices.ratio("confusion_torchmetrics", "confusion")
-    del maps, work
+    log.info("[%s] confusion accumulation vs torchmetrics (%s)", device, rounds)
+    speedup, confusion_cases = measure_confusion(builder)
+    cases.update(confusion_cases)
     clear_device_cache(device)
-
     if settings.memory:
         for name in all_cases(METHODS):
             log.info("[%s] peak memory of %s (subprocess)", device, name)
@@ -146,19 +165,23 @@ def environment(settings: PerfSettings) -> dict[str, object]:
     }
 
 
+def default_work_dir() -> Path:
+    """Where the step-0 models are kept between runs: ``<cache root>/perf``."""
+    from benchmark.data.cache import cache_root
+
+    return cache_root() / "perf"
+
+
 def run_perf(settings: PerfSettings, work_dir: Path | None = None) -> PerfResult:
     """Measure everything on every device of ``settings`` (torch threads set to ``settings.threads``).
 
-    ``work_dir`` keeps the step-0 models (a temporary folder, removed afterwards, when None).
+    ``work_dir`` keeps the trained step-0 models, keyed by configuration (default :func:`default_work_dir`).
     """
     from benchmark.engine.device import resolve_device
 
     for device in settings.devices:
         resolve_device(device)   # "cuda" without a GPU: EnvironmentProblem before any work
     torch.set_num_threads(settings.threads)
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
     env = environment(settings)
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        return PerfResult(settings, env, [run_device(settings, d, Path(work_dir) / d) for d in settings.devices])
-    with tempfile.TemporaryDirectory(prefix="cisdq-perf-") as tmp:
-        return PerfResult(settings, env, [run_device(settings, d, Path(tmp) / d) for d in settings.devices])
+    return PerfResult(settings, env, [run_device(settings, d, work_dir / d) for d in settings.devices])
