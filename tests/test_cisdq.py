@@ -120,8 +120,8 @@ def fresh_step0_model(method, protocol):
     ("ade-inst-50-10", (100, 50), (20, 10)),   # ADE-ins 50-10: Q0 100, Qi 20
     ("coco-40-8", (100, 40), (20, 8)),         # COCO 40-8: Q0 100, Qi 20
     ("coco-60-20", (150, 60), (50, 20)),       # COCO 60-20: Q0 150, Qi 50
-    ("synth-10-2", (10, 10), (4, 2)),          # 1 query per class, at least 4 per group
-    ("synth-inst-10-2", (20, 10), (4, 2)),     # 2 queries per class
+    ("synth-10-2", (10, 10), (2, 2)),          # 1 query per class (semantic)
+    ("synth-inst-10-2", (20, 10), (4, 2)),     # 2 queries per class (instance)
     ("coco-40-4~synth", (100, 40), (10, 4)),   # a real protocol's shape on synthetic data
 ])
 def test_queries_per_group_follow_the_original_settings(protocol, first, later):
@@ -146,6 +146,17 @@ def test_invalid_hyper_parameters_are_config_errors():
         CisDQParams(kl_weights=(1.0, 2.0))
     with pytest.raises(ConfigError, match="method"):
         get_method("cisdq", "synth-10-5", {"unknown_key": 1})
+
+
+def test_command_line_overrides_are_typed():
+    from benchmark.config import apply_overrides
+
+    got = apply_overrides(CisDQParams(), {"kl_weights": "1,2,3,4,5,6", "distill": "kl",
+                                          "group_attention_mask": "on", "min_queries_per_group": "3"}, "method")
+    assert got.kl_weights == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0) and got.distill == "kl"
+    assert got.group_attention_mask is True and got.min_queries_per_group == 3
+    with pytest.raises(ConfigError, match="pseudo_threshold"):
+        apply_overrides(CisDQParams(), {"pseudo_threshold": "1.5"}, "method")
 
 
 def test_method_flags_and_kl_variant_class():
