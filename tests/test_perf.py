@@ -57,7 +57,7 @@ def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tm
     again = CaseBuilder(tiny_settings, "cpu", tmp_path / "work" / "cpu").step0_model("mib")
     assert again.layout == ((20, 10),)
     with pytest.raises(AssertionError, match="trained again"):    # another configuration, another key
-        CaseBuilder(replace(tiny_settings, step0_iterations=3), "cpu", tmp_path / "work" / "cpu").step0_model("mib")
+        CaseBuilder(replace(tiny_settings, seed=1), "cpu", tmp_path / "work" / "cpu").step0_model("mib")
 
     path = tmp_path / "out" / "perf.json"
     write_json(result, path)
@@ -121,7 +121,9 @@ def test_interleaving_rotates_order_and_pairs_rounds():
 
 def test_settings_round_trip_and_refusals(tiny_settings, capsys):
     assert PerfSettings.from_dict(json.loads(json.dumps(tiny_settings.to_dict()))) == tiny_settings
-    merged = dict(replace(tiny_settings, step0_iterations=7, workers=1).run_overrides())
-    assert dict(merged["step0"])["iterations"] == "7" and dict(merged["data"]) == {"workers": "1"}
+    merged = dict(PerfSettings(step0_iterations=7, workers=1).run_overrides())
+    assert dict(merged["step0"]) == {"iterations": "7"} and dict(merged["data"]) == {"workers": "1"}
+    explicit = dict(replace(tiny_settings, step0_iterations=7).run_overrides())   # --set step0.iterations wins
+    assert dict(explicit["step0"])["iterations"] == "2"
     assert main(["--repeats", "3", "--no-memory"]) == 2
     assert "repeats must be at least 5" in capsys.readouterr().err

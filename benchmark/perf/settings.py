@@ -34,13 +34,15 @@ class PerfSettings:
         measured steps are the steps the benchmark trains. Default: the embedded CPU benchmark.
     devices: "cpu" and/or "cuda"; every measurement is made on each.
     repeats / warmup: measured rounds (the median is reported; at least 5) and discarded first rounds.
-    step_iterations: trainer iterations per timed call; the first is discarded (AdamW state allocation),
-        so each call yields ``step_iterations - 1`` timed iterations (at least 2 iterations).
+    step_iterations: trainer iterations per timed call (at least 3; ``--quick``: 3, full: 5). The first
+        allocates AdamW's state and the last ends with the loop's log flush, so each call times the mean
+        of the ``step_iterations - 2`` iterations between them.
     step0_iterations: iterations of the step-0 training that gives the methods their old model
-        (None = the schedule's). The old model's predictions decide how many pseudo-labels the methods
-        add, hence their loss cost: measured on synth-10-5, a model after 200 iterations gives step
-        ratios within noise of the full 600-iteration one, one after 40 iterations ratios up to 0.25
-        lower. The models are cached (see ``cases.CaseBuilder.step0_model``), so this is paid once.
+        (None = the schedule's; ``--quick``: 200). The old model's predictions decide how many
+        pseudo-labels PLOP, CoMFormer and CisDQ add, hence their loss cost, so the old model should be a
+        trained one. On synth-10-5 the step ratios after 200 and after the schedule's 600 iterations
+        agreed within the noise of the measurement. The models are cached
+        (``cases.CaseBuilder.step0_model``), so the training is paid once per configuration.
     plop_batches: batches of PLOP's threshold pass in ``before_step`` (not timed).
     confusion_maps / confusion_size / confusion_classes: label maps of the confusion benchmark
         (ADE20K-like: 150 classes, 512 x 512, about 10 % void).
@@ -100,12 +102,13 @@ class PerfSettings:
                               hint="see python -m benchmark.perf --help")
 
     def run_overrides(self) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
-        """``overrides`` plus what these settings imply (step-0 iterations, loader workers), RunSpec form."""
+        """``overrides`` plus what these settings imply (step-0 iterations, loader workers), RunSpec form;
+        an explicit ``step0.iterations`` / ``data.workers`` in ``overrides`` wins."""
         sections = {section: dict(pairs) for section, pairs in self.overrides}
         if self.step0_iterations is not None:
-            sections.setdefault("step0", {})["iterations"] = str(self.step0_iterations)
+            sections.setdefault("step0", {}).setdefault("iterations", str(self.step0_iterations))
         if self.workers is not None:
-            sections.setdefault("data", {})["workers"] = str(self.workers)
+            sections.setdefault("data", {}).setdefault("workers", str(self.workers))
         return tuple((section, tuple(pairs.items())) for section, pairs in sections.items())
 
     def to_dict(self) -> dict[str, Any]:
