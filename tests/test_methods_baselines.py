@@ -116,7 +116,7 @@ def test_registry_defaults_and_protocol_overrides():
     assert isinstance(get_method("mib"), MiB) and get_method("mib").hparams == MiBParams()
     assert MiBParams().kd_weight == 200.0 and MiBParams().mib_init
     assert CoMFormerParams().kd_weight == 10.0 and not CoMFormerParams().mib_init
-    assert PLOPParams().pod_weight == 0.01 and PLOPParams().mib_init
+    assert PLOPParams().pod_weight == 0.01 and PLOPParams().mib_init and not PLOPParams().object_pixels_only
     for name in ("ade-100-50", "ade-100-50@b", "ade-100-50~synth"):
         assert get_method("comformer", name).hparams.kd_weight == 0.5, name
     for name in ("ade-100-10", "ade-100-5", "ade-inst-50-50", "synth-10-5", "voc-15-5", ""):
@@ -348,8 +348,11 @@ def _plop_batches():
     return batches
 
 
-def _expected_thresholds(batches, floor=0.001) -> np.ndarray:
-    """Per-pixel normalised binary entropy of sigmoid(m0) : sigmoid(m1), median per argmax class (numpy)."""
+def _expected_thresholds(batches, objects_only: bool, floor=0.001) -> np.ndarray:
+    """Per-pixel normalised binary entropy of sigmoid(m0) : sigmoid(m1), median per argmax class (numpy).
+
+    Object pixels: both queries have the same class score, so the best query is the one with the larger
+    mask, and the pixel is an object iff max(m0, m1) >= 0 (sigmoid >= 0.5)."""
     entropies, classes = [], []
     p_class = np.exp(30.0) / (np.exp(30.0) + 2.0)    # p(class q | query q); p(other class) = 1 / (e^30 + 2)
     p_other = 1.0 / (np.exp(30.0) + 2.0)
@@ -363,6 +366,8 @@ def _expected_thresholds(batches, floor=0.001) -> np.ndarray:
         argmax = (score1 > score0).astype(int)
         for b, target in enumerate(batch.targets):
             keep = batch.pixel_mask[b].numpy().astype(bool)
+            if objects_only:
+                keep &= np.maximum(x[b, 0], x[b, 1]) >= 0
             if len(target):
                 keep &= ~target.masks.any(0).numpy()
             entropies.append(entropy[b][keep])
@@ -374,11 +379,16 @@ def _expected_thresholds(batches, floor=0.001) -> np.ndarray:
 def test_plop_before_step_computes_median_thresholds_and_state_restores_them():
     old, batches = TwoQueryOldModel(), _plop_batches()
     ctx = make_ctx(1, num_old=2, num_seen=4, old_model=old, iterate_train=lambda: iter(batches))
-    method = PLOP()
+    every_pixel = PLOP()
+    every_pixel.before_step(ctx)
+    expected = _expected_thresholds(batches, objects_only=False)
+    np.testing.assert_allclose(every_pixel.thresholds.numpy(), expected, rtol=1e-5, atol=1e-6)
+    method = PLOP(PLOPParams(object_pixels_only=True))
     method.before_step(ctx)
-    assert old.calls == 2
-    expected = _expected_thresholds(batches)
+    assert old.calls == 4
+    expected = _expected_thresholds(batches, objects_only=True)
     assert expected.min() > 0.01                          # real medians, not the floor
+    assert not np.allclose(expected, every_pixel.thresholds.numpy(), atol=1e-3)
     np.testing.assert_allclose(method.thresholds.numpy(), expected, rtol=1e-5, atol=1e-6)
 
     state = method.state_dict()
@@ -392,7 +402,7 @@ def test_plop_before_step_computes_median_thresholds_and_state_restores_them():
     instance = PLOP()
     instance.before_step(make_ctx(1, num_old=2, num_seen=4, task="instance", old_model=old,
                                   iterate_train=lambda: pytest.fail("no pass needed for instance protocols")))
-    assert instance.thresholds is None and old.calls == 4
+    assert instance.thresholds is None and old.calls == 6
 
 
 def test_plop_histogram_fallback_is_close_to_the_exact_median():
@@ -409,28 +419,33 @@ def test_plop_histogram_fallback_is_close_to_the_exact_median():
     torch.testing.assert_close(streamed.thresholds(0.001), exact.thresholds(0.001), rtol=0, atol=1 / 4096)
 
 
-def test_plop_entropy_pseudo_labels_confident_pixels_only():
-    # one 32x32 image: block rows 0-3 confident class 0 (m0 = 8, m1 = -8), rows 4-7 undecided (m0 = m1 = 0)
+def test_plop_entropy_pseudo_labels_confident_object_pixels_only():
+    # one 32x32 image, by rows: 0-15 confident class 0 on an object (m0 = 8, m1 = -8); 16-23 undecided
+    # (m0 = m1 = 0, entropy 1); 24-31 confident class 0 (entropy 0.03) but no mask reaches 0.5 (m0 = -2)
     x = torch.zeros(1, 3, 32, 32)
     x[0, 0, :16], x[0, 1, :16] = 8.0, -8.0
+    x[0, 0, 24:], x[0, 1, 24:] = -2.0, -8.0
     masks = torch.zeros(1, 32, 32, dtype=torch.bool)
     masks[0, :8, :8] = True
     pixel_mask = torch.ones(1, 32, 32, dtype=torch.long)
     pixel_mask[0, :, -4:] = 0
     batch = Batch(x, pixel_mask, [Target(torch.tensor([3]), masks)], [0])
     old = TwoQueryOldModel()
-    ctx = make_ctx(1, num_old=2, num_seen=4, crit=RecordingCriterion(criterion()), old_model=old)
-    method = PLOP()
-    method.load_state_dict({"thresholds": [0.5, 0.5], "thresholds_step": 1})
     student = fake_outputs(torch.randn(1, 4, 5, requires_grad=True), torch.randn(1, 4, 8, 8, requires_grad=True))
-    terms = method.loss(batch, student, old(x), ctx)
-    assert set(terms) == {"ce", "mask", "dice", "pod"}
-    (target,) = ctx.criterion.calls[-1]["targets"]
-    assert target.labels.tolist() == [3, 0]
     expected = torch.zeros(32, 32, dtype=torch.bool)
-    expected[:16, :28] = True                  # confident rows, minus padding
+    expected[:16, :28] = True                  # confident object rows, minus padding
     expected[:8, :8] = False                   # minus the ground truth
-    assert torch.equal(target.masks[1], expected)
+    for hp, extra_rows in ((PLOPParams(object_pixels_only=True), False), (PLOPParams(), True)):
+        ctx = make_ctx(1, num_old=2, num_seen=4, crit=RecordingCriterion(criterion()), old_model=old)
+        method = PLOP(hp)
+        method.load_state_dict({"thresholds": [0.5, 0.5], "thresholds_step": 1})
+        terms = method.loss(batch, student, old(x), ctx)
+        assert set(terms) == {"ce", "mask", "dice", "pod"}
+        (target,) = ctx.criterion.calls[-1]["targets"]
+        assert target.labels.tolist() == [3, 0]
+        wanted = expected.clone()
+        wanted[24:, :28] = extra_rows
+        assert torch.equal(target.masks[1], wanted)
     assert len(batch.targets[0]) == 1
 
 
