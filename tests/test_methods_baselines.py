@@ -186,7 +186,7 @@ def test_mib_init_keeps_old_logits_and_splits_no_object(base_model):
         terms = method.loss(batch, outputs, old(batch.pixel_values), ctx)
     assert abs(terms["kd"].item()) < 1e-4
     # without the initialisation the new rows are the engine's default and the KD is not zero
-    plain, plain_old, plain_ctx = step1_models(base_model, MiB(MiBParams(mib_init=False)))
+    plain = step1_models(base_model, MiB(MiBParams(mib_init=False)))[0]
     plain.eval()
     with torch.no_grad():
         assert not torch.allclose(plain(batch.pixel_values).class_logits().softmax(-1)[..., -1], p_after[..., -1])
