@@ -65,6 +65,8 @@ def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tm
     table = markdown(result)
     assert "| engine step / transformers step" in table and "cisdq step / finetune step" in table
     assert "1 torch thread(s)" in table and "batch 2, crop 32, 64 loss points" in table
+    assert "rounds (min - max)" in table and "Machine load" in table
+    assert len(result.devices[0].round_ratios["plop"]) == tiny_settings.repeats
 
 
 def test_stock_step_computes_what_the_engine_step_computes(tiny_settings, tmp_path):

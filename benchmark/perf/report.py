@@ -60,17 +60,21 @@ def write_json(result: PerfResult, path: str | Path) -> None:
 def _goal_rows(result: PerfResult) -> list[list[str]]:
     rows = []
 
-    def add(label: str, device: str, value: float, goal: float, at_most: bool) -> None:
+    def add(label: str, device: str, value: float, goal: float, at_most: bool, rounds: list[float] | None) -> None:
         met = value <= goal if at_most else value >= goal
-        rows.append([label, device, f"{value:.2f}", ("<= " if at_most else ">= ") + f"{goal:g}",
+        spread = "" if not rounds else f"{min(rounds):.2f} - {max(rounds):.2f}"
+        rows.append([label, device, f"{value:.2f}", spread, ("<= " if at_most else ">= ") + f"{goal:g}",
                      "yes" if met else "**no**"])
 
     for d in result.devices:
-        add("engine step / transformers step", d.device, d.engine_ratio, ENGINE_GOAL, True)
+        rounds = d.round_ratios
+        add("engine step / transformers step", d.device, d.engine_ratio, ENGINE_GOAL, True, rounds.get("engine"))
         for m in METHODS:
-            add(f"{m} step / finetune step (step 1)", d.device, d.method_ratios[m], METHOD_GOALS[m], True)
-        add("confusion: torchmetrics time / ours", d.device, d.confusion_speedup, CONFUSION_GOAL, False)
-        add("loader images/s / training images/s", d.device, d.loader_ratio, LOADER_GOAL, False)
+            add(f"{m} step / finetune step (step 1)", d.device, d.method_ratios[m], METHOD_GOALS[m], True,
+                rounds.get(m))
+        add("confusion: torchmetrics time / ours", d.device, d.confusion_speedup, CONFUSION_GOAL, False,
+            rounds.get("confusion"))
+        add("loader images/s / training images/s", d.device, d.loader_ratio, LOADER_GOAL, False, None)
     return rows
 
 
@@ -90,12 +94,16 @@ def markdown(result: PerfResult) -> str:
     """The settings line, the goals table and the per-case table (median time, throughput, peak memory)."""
     env = result.environment
     devices = ", ".join(f"{d} ({name})" for d, name in env["devices"].items())
+    load = ""
+    if env.get("load_start") is not None:
+        load = (f" Machine load (1-min average) {env['load_start']} at the start, {env.get('load_end')} at the end, "
+                f"on {env['cores']} cores.")
     header = (f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} torch thread(s); "
-              f"devices: {devices}.  \n"
+              f"devices: {devices}.{load}  \n"
               f"Protocol {env['protocol']}, engine {env['engine']}, schedule {env['schedule']} (batch "
               f"{env['batch_size']}, crop {env['crop_size']}, {env['loss_points']} loss points), loader workers "
               f"{env['workers']}; median of {env['repeats']} interleaved rounds after {env['warmup']} warm-up.")
-    goals = tabulate(_goal_rows(result), headers=["measurement", "device", "value", "goal", "met"],
+    goals = tabulate(_goal_rows(result), headers=["measurement", "device", "median", "rounds (min - max)", "goal", "met"],
                      tablefmt="github")
     cases = tabulate(_case_rows(result), headers=["case", "device", "median time", "throughput",
                                                   "peak memory (MiB)", "above set-up (MiB)"], tablefmt="github")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import statistics
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class DeviceResult:
     confusion_speedup: float
     loader_ratio: float
     cases: dict[str, CaseResult] = field(default_factory=dict)
+    # per-round ratios behind the medians ("engine", each method, "confusion"): their spread shows the noise
+    round_ratios: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,12 +89,12 @@ def _step_timings(runs: dict[str, StepCase | StockStep], settings: PerfSettings,
     return timings, cases
 
 
-def measure_engine(builder: CaseBuilder) -> tuple[float, dict[str, CaseResult]]:
+def measure_engine(builder: CaseBuilder) -> tuple[list[float], dict[str, CaseResult]]:
     """Engine step / stock transformers step (fine-tune's step 0, same weights and batch)."""
     engine = builder.engine_case()
     timings, cases = _step_timings({"engine_step": engine, "transformers_step": StockStep(engine)},
                                    builder.settings, builder.device)
-    return timings.ratio("engine_step", "transformers_step"), cases
+    return timings.ratios("engine_step", "transformers_step"), cases
 
 
 def measure_loader(builder: CaseBuilder) -> CaseResult:
@@ -102,15 +105,15 @@ def measure_loader(builder: CaseBuilder) -> CaseResult:
     return CaseResult(batch_size / rate, "batch", rate, "images/s")
 
 
-def measure_methods(builder: CaseBuilder) -> tuple[dict[str, float], dict[str, CaseResult]]:
+def measure_methods(builder: CaseBuilder) -> tuple[dict[str, list[float]], dict[str, CaseResult]]:
     """Each method's step-1 iteration / fine-tune's (the step-0 models are trained first, once)."""
     runs = {method_case_name(m): builder.method_case(m) for m in (BASELINE_METHOD, *METHODS)}
     timings, cases = _step_timings(runs, builder.settings, builder.device)
     baseline = method_case_name(BASELINE_METHOD)
-    return {m: timings.ratio(method_case_name(m), baseline) for m in METHODS}, cases
+    return {m: timings.ratios(method_case_name(m), baseline) for m in METHODS}, cases
 
 
-def measure_confusion(builder: CaseBuilder) -> tuple[float, dict[str, CaseResult]]:
+def measure_confusion(builder: CaseBuilder) -> tuple[list[float], dict[str, CaseResult]]:
     """torchmetrics accumulation time / ours over the same label maps (checked to give the same matrix)."""
     s, device = builder.settings, builder.device
     maps = builder.label_maps()
@@ -120,7 +123,7 @@ def measure_confusion(builder: CaseBuilder) -> tuple[float, dict[str, CaseResult
     pixels = sum(target.numel() for _, target in maps)
     cases = {name: CaseResult(timings.median(name), f"pass ({len(maps)} maps)",
                               pixels / timings.median(name) / 1e6, "Mpixel/s") for name in CONFUSION_CASES}
-    return timings.ratio("confusion_torchmetrics", "confusion"), cases
+    return timings.ratios("confusion_torchmetrics", "confusion"), cases
 
 
 def run_device(settings: PerfSettings, device: str, work_dir: Path) -> DeviceResult:
@@ -128,24 +131,32 @@ def run_device(settings: PerfSettings, device: str, work_dir: Path) -> DeviceRes
     builder = CaseBuilder(settings, device, work_dir)
     rounds = f"{settings.repeats} rounds + {settings.warmup} warm-up"
     log.info("[%s] engine vs transformers training step (%s)", device, rounds)
-    engine_ratio, cases = measure_engine(builder)
+    engine_ratios, cases = measure_engine(builder)
     clear_device_cache(device)
     log.info("[%s] training loader with %d worker(s)", device, builder.workers())
     cases["loader"] = measure_loader(builder)
-    loader_ratio = cases["loader"].throughput / cases["engine_step"].throughput
     log.info("[%s] methods at step 1 (%s; the step-0 models are trained first)", device, rounds)
     method_ratios, method_cases = measure_methods(builder)
     cases.update(method_cases)
     clear_device_cache(device)
     log.info("[%s] confusion accumulation vs torchmetrics (%s)", device, rounds)
-    speedup, confusion_cases = measure_confusion(builder)
+    confusion_ratios, confusion_cases = measure_confusion(builder)
     cases.update(confusion_cases)
     clear_device_cache(device)
     if settings.memory:
         for name in all_cases(METHODS):
             log.info("[%s] peak memory of %s (subprocess)", device, name)
             cases[name].memory = measure(settings, device, name, work_dir)
-    return DeviceResult(device, engine_ratio, method_ratios, speedup, loader_ratio, cases)
+    median = statistics.median
+    return DeviceResult(
+        device=device,
+        engine_ratio=median(engine_ratios),
+        method_ratios={m: median(r) for m, r in method_ratios.items()},
+        confusion_speedup=median(confusion_ratios),
+        loader_ratio=cases["loader"].throughput / cases["engine_step"].throughput,
+        cases=cases,
+        round_ratios={"engine": engine_ratios, **method_ratios, "confusion": confusion_ratios},
+    )
 
 
 def environment(settings: PerfSettings) -> dict[str, object]:
@@ -158,10 +169,10 @@ def environment(settings: PerfSettings) -> dict[str, object]:
     sched = r.schedule.for_step(0)
     return {
         "torch": torch.__version__, "transformers": version("transformers"), "threads": settings.threads,
-        "devices": {d: _device_name(d) for d in settings.devices}, "protocol": r.protocol.name,
-        "engine": r.preset.name, "schedule": r.schedule.name, "batch_size": sched.batch_size,
-        "crop_size": sched.crop_size, "loss_points": r.criterion.num_points, "workers": r.loader.workers,
-        "repeats": settings.repeats, "warmup": settings.warmup,
+        "cores": os.cpu_count(), "devices": {d: _device_name(d) for d in settings.devices},
+        "protocol": r.protocol.name, "engine": r.preset.name, "schedule": r.schedule.name,
+        "batch_size": sched.batch_size, "crop_size": sched.crop_size, "loss_points": r.criterion.num_points,
+        "workers": r.loader.workers, "repeats": settings.repeats, "warmup": settings.warmup,
     }
 
 
@@ -184,4 +195,15 @@ def run_perf(settings: PerfSettings, work_dir: Path | None = None) -> PerfResult
     torch.set_num_threads(settings.threads)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
     env = environment(settings)
-    return PerfResult(settings, env, [run_device(settings, d, work_dir / d) for d in settings.devices])
+    env["load_start"] = _load_average()
+    devices = [run_device(settings, d, work_dir / d) for d in settings.devices]
+    env["load_end"] = _load_average()
+    return PerfResult(settings, env, devices)
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (other processes competing for the cores), None if unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None

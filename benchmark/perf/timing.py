@@ -33,10 +33,13 @@ class Measurements:
     def median(self, case: str) -> float:
         return statistics.median(self.samples[case])
 
+    def ratios(self, numerator: str, denominator: str) -> list[float]:
+        """``numerator / denominator`` of every round (paired: both from the same round)."""
+        return [a / b for a, b in zip(self.samples[numerator], self.samples[denominator], strict=True)]
+
     def ratio(self, numerator: str, denominator: str) -> float:
-        """Median over rounds of ``numerator / denominator`` (paired: both from the same round)."""
-        pairs = zip(self.samples[numerator], self.samples[denominator], strict=True)
-        return statistics.median(a / b for a, b in pairs)
+        """Median over rounds of :meth:`ratios`."""
+        return statistics.median(self.ratios(numerator, denominator))
 
 
 def interleaved(cases: Mapping[str, Callable[[], float]], repeats: int, warmup: int = 1) -> Measurements:
