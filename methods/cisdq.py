@@ -44,7 +44,7 @@ Decisions where the original is silent or differs (ref. section 8):
     engine's train/eval convention, shared by every method that distils backbone features.
   * The original's test-time cut of instance scores <= 0.5 (ref. 1.6, 8.15) is off by default, because the
     inference is shared by every method; ``test_score_threshold=0.5`` asks for it through
-    :attr:`CisDQ.instance_score_threshold` (the evaluation has to read that attribute).
+    :attr:`CisDQ.instance_score_threshold`, which the runner hands to the evaluation.
   * ``distill="kl"`` is the ``cisdq_ade`` / ``cisdq_voc`` variant (ref. 2.4, :mod:`methods.cisdq_kl`): KL on the
     class probabilities and SmoothL1 on the mask logits of the old groups (final layer), the POD terms with the
     setting's weights and the new group's ground-truth loss times w5; the variant's step-0 teacher for group 0

@@ -4,6 +4,7 @@ comparison is the same computation, a memory subprocess reports. No timing asser
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import replace
 
@@ -36,7 +37,13 @@ def tiny_settings() -> PerfSettings:
 
 
 def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tmp_path, monkeypatch):
-    result = run_perf(tiny_settings, tmp_path / "work")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        result = run_perf(tiny_settings, tmp_path / "work")
+        assert torch.get_num_threads() == 3     # the perf run's 1 thread does not leak into the caller
+    finally:
+        torch.set_num_threads(threads)
     data = to_json(result)
     assert tuple(data) == JSON_KEYS
     assert all(set(value) == {"cpu"} for value in data.values())
@@ -127,5 +134,8 @@ def test_settings_round_trip_and_refusals(tiny_settings, capsys):
     assert dict(merged["step0"]) == {"iterations": "7"} and dict(merged["data"]) == {"workers": "1"}
     explicit = dict(replace(tiny_settings, step0_iterations=7).run_overrides())   # --set step0.iterations wins
     assert dict(explicit["step0"])["iterations"] == "2"
+    runner_log = logging.getLogger("benchmark.runner")
+    level = runner_log.level
     assert main(["--repeats", "3", "--no-memory"]) == 2
+    assert runner_log.level == level        # the runner's log.txt still gets its INFO lines afterwards
     assert "repeats must be at least 5" in capsys.readouterr().err

@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # The trainer logs every log point at INFO; the perf run's own progress is enough.
-    logging.getLogger("benchmark.engine").setLevel(logging.WARNING)
-    logging.getLogger("benchmark.runner").setLevel(logging.WARNING)
+    # Restored on return: main() is also called in-process, and the runner's log.txt needs INFO.
+    quiet = [logging.getLogger(name) for name in ("benchmark.engine", "benchmark.runner")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
     try:
         if args.memory_case:
             return _memory_case(args)
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -192,12 +192,18 @@ def run_perf(settings: PerfSettings, work_dir: Path | None = None) -> PerfResult
 
     for device in settings.devices:
         resolve_device(device)   # "cuda" without a GPU: EnvironmentProblem before any work
+    # The thread count is process-wide state: restored afterwards so that a caller (a test, a notebook)
+    # does not train with the perf run's count and get other numbers than the same run on the command line.
+    threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
-    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
-    env = environment(settings)
-    env["load_start"] = _load_average()
-    devices = [run_device(settings, d, work_dir / d) for d in settings.devices]
-    env["load_end"] = _load_average()
+    try:
+        work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+        env = environment(settings)
+        env["load_start"] = _load_average()
+        devices = [run_device(settings, d, work_dir / d) for d in settings.devices]
+        env["load_end"] = _load_average()
+    finally:
+        torch.set_num_threads(threads)
     return PerfResult(settings, env, devices)
 
 
