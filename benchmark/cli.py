@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="typed override, e.g. increment.iterations=50, method.kd_weight=10, data.workers=2")
     p.add_argument("--backbone-weights", default=None, metavar="PATH",
                    help="pretrained backbone: HF folder, torchvision .pth or detectron2 .pkl")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (joblib processes; one GPU each)")
+    p.add_argument("--jobs", type=_jobs, default="auto",
+                   help="runs in parallel (joblib processes): auto = one per CPU core (1 torch thread each) "
+                        "or one per GPU")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     p.add_argument("--slurm-partition", default=None)
     p.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per job")
@@ -77,15 +79,15 @@ def _list(what: str) -> None:
         print(tabulate(rows, headers=["protocol", "dataset", "task", "mode", "steps", "classes", "classes per step", "aliases"]))
         print("\nAny <dataset>-<base>-<inc>[-disjoint][@order] works too (orders: b, c, ..., rand<N>).")
     else:
-        from methods import available_methods, get_method_class
+        from methods import OPTIONAL, available_methods, get_method_class
         from tabulate import tabulate
 
         rows = []
         for name in available_methods():
             cls = get_method_class(name)
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-            rows.append((name, doc[0] if doc else ""))
-        print(tabulate(rows, headers=["method", "description"]))
+            rows.append((name, "only when named" if name in OPTIONAL else "yes", doc[0] if doc else ""))
+        print(tabulate(rows, headers=["method", "in the default run", "description"]))
 
 
 def specs_from_args(args: argparse.Namespace):
@@ -121,6 +123,18 @@ def specs_from_args(args: argparse.Namespace):
     return specs
 
 
+def _jobs(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of processes, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -149,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from benchmark.parallel import run_grid
 
-        run_dirs = run_grid(specs, jobs=args.jobs, launcher=args.launcher, slurm=dict(
+        from benchmark.parallel import default_jobs
+
+        jobs = default_jobs(specs) if args.jobs == "auto" else args.jobs
+        run_dirs = run_grid(specs, jobs=jobs, launcher=args.launcher, slurm=dict(
             partition=args.slurm_partition, time=args.slurm_time, gpus=args.slurm_gpus,
             folder=args.slurm_folder or str(Path(args.out) / "slurm")))
         if run_dirs and not args.no_report and _is_main_process():

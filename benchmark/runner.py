@@ -14,6 +14,7 @@ is trained once per (protocol step 0, seed, engine, schedule, data settings) in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -61,9 +62,9 @@ class RunSpec:
 
 
 def default_methods() -> list[str]:
-    from methods import available_methods
+    from methods import default_methods as registered_defaults
 
-    return available_methods()
+    return registered_defaults()
 
 
 def resolve_device_name(name: str) -> str:
@@ -106,14 +107,11 @@ def resolve(spec: RunSpec) -> Resolved:
     if ov.get("method"):
         method = type(method)(apply_overrides(method.hparams, ov["method"], "method"))
     schedule = get_schedule(spec.schedule, protocol)
-    schedule = type(schedule)(
-        name=schedule.name,
+    schedule = dataclasses.replace(
+        schedule,
         step0=apply_overrides(schedule.step0, ov.get("step0", {}), "step0"),
         increment=apply_overrides(schedule.increment, ov.get("increment", {}), "increment"),
         joint=apply_overrides(schedule.joint, ov.get("joint", {}), "joint"),
-        source=schedule.source,
-        checkpoint_every=schedule.checkpoint_every,
-        backbone_multiplier=schedule.backbone_multiplier,
     )
     preset = apply_overrides(get_preset(spec.engine), ov.get("model", {}), "model")
     per_step = sorted(set(ov.get("train", {})) & {"iterations", "batch_size", "lr"})
@@ -122,7 +120,7 @@ def resolve(spec: RunSpec) -> Resolved:
                           hint=f"use --set step0.{per_step[0]}=... and/or --set increment.{per_step[0]}=...")
     train = apply_overrides(TrainConfig(checkpoint_every=schedule.checkpoint_every,
                                         backbone_multiplier=schedule.backbone_multiplier), ov.get("train", {}), "train")
-    aug = apply_overrides(AugConfig(), ov.get("data", {}) and {k: v for k, v in ov["data"].items()
+    aug = apply_overrides(AugConfig(**dict(schedule.augmentation)), ov.get("data", {}) and {k: v for k, v in ov["data"].items()
                                                               if k in AugConfig.__dataclass_fields__}, "data")
     loader = apply_overrides(LoaderConfig(), {k: v for k, v in ov.get("data", {}).items()
                                              if k not in AugConfig.__dataclass_fields__}, "data")
@@ -467,18 +465,19 @@ def _shared_step0(runner: StepRunner):
         return model, cache.step_result(0)
 
 
+def step_count(spec: RunSpec) -> int:
+    """Steps of one run (joint training is one step)."""
+    from methods import get_method_class
+    from protocols import get_protocol
+
+    return 1 if get_method_class(spec.method).joint else get_protocol(spec.protocol).num_steps
+
+
 def run_sequence(specs: Sequence[RunSpec]) -> list[Path]:
     """Runs one after another with an overall progress bar (runs x steps)."""
     from tqdm.auto import tqdm
 
-    from protocols import get_protocol
-
-    def n_steps(spec):
-        from methods import get_method_class
-
-        return 1 if get_method_class(spec.method).joint else get_protocol(spec.protocol).num_steps
-
-    total = sum(n_steps(s) for s in specs)
+    total = sum(step_count(s) for s in specs)
     main = int(os.environ.get("RANK", "0")) == 0
     out = []
     with tqdm(total=total, desc="benchmark", unit="step", position=0, disable=not main or None) as bar:

@@ -41,6 +41,9 @@ class Schedule:
     # Backbone lr multiplier: Mask2Former's 0.1 assumes a pretrained backbone; the CPU schedule trains
     # the tiny backbone from scratch, so it gets the full learning rate.
     backbone_multiplier: float = 0.1
+    # Training-augmentation defaults of this schedule (AugConfig fields; ``--set data.KEY=...`` still wins).
+    # Empty = Mask2Former's recipe; the CPU schedule calibrates it for the synthetic data.
+    augmentation: tuple[tuple[str, object], ...] = ()
 
     def for_step(self, step: int, joint: bool = False) -> StepSchedule:
         if joint:
@@ -50,7 +53,7 @@ class Schedule:
     def to_dict(self) -> dict:
         return {"name": self.name, "step0": vars(self.step0), "increment": vars(self.increment),
                 "joint": vars(self.joint), "source": self.source, "checkpoint_every": self.checkpoint_every,
-                "backbone_multiplier": self.backbone_multiplier}
+                "backbone_multiplier": self.backbone_multiplier, "augmentation": dict(self.augmentation)}
 
 
 SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper")
@@ -61,7 +64,8 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper")
 _CPU = StepSchedule(iterations=600, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)
 CPU_SCHEDULE = dict(step0=_CPU, increment=replace(_CPU, iterations=100), joint=_CPU,
                     source="embedded CPU default, calibrated on 2 CPU cores (issue 9)", checkpoint_every=50,
-                    backbone_multiplier=1.0)
+                    backbone_multiplier=1.0,
+                    augmentation=(("color_jitter", False), ("scale_range", (1.0, 1.0))))
 
 # ---- published rows ------------------------------------------------------------------------------
 # ADE20K semantic: CoMFormer (CVPR 2023) configs/ade20k/semantic-segmentation/*.yaml and scripts/ade.sh:

@@ -1,6 +1,6 @@
 """The method registry: explicit, imported lazily so that listing methods loads nothing heavy.
 
-Public API: ``from methods import get_method, available_methods``.
+Public API: ``from methods import get_method, available_methods, default_methods``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "plop": ("methods.plop", "PLOP"),
     "comformer": ("methods.comformer", "CoMFormer"),
     "cisdq": ("methods.cisdq", "CisDQ"),
+    "cisdq-kl": ("methods.cisdq", "CisDQKL"),
     "joint": ("methods.joint", "Joint"),
 }
+# Variants run only when named (--methods cisdq-kl), not in the default grid (methods.md: optional).
+OPTIONAL = frozenset({"cisdq-kl"})
 
 
 def _importable(name: str) -> bool:
@@ -30,6 +33,11 @@ def _importable(name: str) -> bool:
 def available_methods() -> list[str]:
     """Registered method names, in table order."""
     return [name for name in _REGISTRY if _importable(name)]
+
+
+def default_methods() -> list[str]:
+    """What ``run_benchmark.py`` runs without ``--methods``: every registered method but the optional variants."""
+    return [name for name in available_methods() if name not in OPTIONAL]
 
 
 def get_method_class(name: str):

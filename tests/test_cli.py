@@ -27,6 +27,15 @@ def test_list_methods():
     out = run_cli("--list", "methods")
     assert out.returncode == 0, out.stderr
     assert "finetune" in out.stdout and "joint" in out.stdout
+    assert "cisdq-kl" in out.stdout and "only when named" in out.stdout
+
+
+def test_optional_variant_is_registered_but_not_in_the_default_grid():
+    from methods import available_methods, default_methods, get_method
+
+    assert "cisdq-kl" in available_methods() and "cisdq-kl" not in default_methods()
+    assert default_methods() == ["finetune", "mib", "plop", "comformer", "cisdq", "joint"]
+    assert get_method("cisdq-kl", "synth-10-5").hparams.distill == "kl"
 
 
 @pytest.mark.parametrize("args, needle", [

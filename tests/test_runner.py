@@ -198,3 +198,39 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     rows = metrics(run)
     assert len(rows) == 20 and not rows.duplicated(["step", "class_id"]).any()
+
+
+def test_parallel_dispatch_puts_shared_step0_producers_first(tmp_path):
+    from benchmark.parallel import dispatch_order
+
+    names = ["finetune", "mib", "plop", "comformer", "cisdq", "joint"]
+    order = [s.method for s in dispatch_order([spec(m, tmp_path) for m in names])]
+    # fine-tune trains the shared step 0 while the second worker runs CisDQ (own step 0), then joint
+    assert order == ["finetune", "cisdq", "joint", "mib", "plop", "comformer"]
+    other_seed = RunSpec(method="mib", protocol=PROTOCOL, seed=1, device="cpu", out=str(tmp_path))
+    assert [s.method for s in dispatch_order([spec("finetune", tmp_path), other_seed])] == ["finetune", "mib"]
+
+
+def test_default_jobs_one_per_core_and_one_under_torchrun(tmp_path, monkeypatch):
+    from benchmark.parallel import default_jobs
+
+    specs = [spec(m, tmp_path) for m in ("finetune", "mib", "joint")]
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert default_jobs(specs) == 2 and default_jobs(specs[:1]) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert default_jobs(specs) == 1
+
+
+def test_schedule_sets_the_augmentation_defaults_and_set_wins(tmp_path):
+    from benchmark.data import AugConfig
+    from benchmark.runner import resolve
+
+    r = resolve(RunSpec(method="finetune", protocol=PROTOCOL, device="cpu", out=str(tmp_path)))
+    assert not r.aug.color_jitter and r.aug.scale_range == (1.0, 1.0)
+    assert r.config["schedule"]["augmentation"] == {"color_jitter": False, "scale_range": [1.0, 1.0]}
+    ov = (("data", (("color_jitter", "true"),)),)
+    r = resolve(RunSpec(method="finetune", protocol=PROTOCOL, device="cpu", out=str(tmp_path), overrides=ov))
+    assert r.aug.color_jitter and r.aug.scale_range == (1.0, 1.0)
+    real = resolve(RunSpec(method="finetune", protocol="ade-100-50", schedule="paper", engine="r50",
+                           data_root=str(tmp_path), out=str(tmp_path)))
+    assert real.aug == AugConfig(crop_size=real.aug.crop_size)     # Mask2Former's recipe

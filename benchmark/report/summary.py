@@ -30,7 +30,7 @@ PRIMARY = {"semantic": "iou", "instance": "ap"}
 # long-table metric -> summary metric (per-class IoU averages to mIoU; AP keeps its name)
 SUMMARY_METRIC = {"iou": "miou", "ap": "ap", "ap50": "ap50", "ap75": "ap75"}
 METRIC_ORDER = ("miou", "ap", "ap50", "ap75", "forgetting", "avg_incremental")
-METHOD_ORDER = ("finetune", "mib", "plop", "comformer", "cisdq")
+METHOD_ORDER = ("finetune", "mib", "plop", "comformer", "cisdq", "cisdq-kl")
 SUMMARY_COLUMNS = ["protocol", "method", "step", "group", "metric", "mean", "std", "n_seeds"]
 SCORE_COLUMNS = ["protocol", "method", "seed", "step", "group", "metric", "value"]
 

@@ -19,7 +19,7 @@ from tabulate import tabulate
 from .summary import JOINT, ProtocolLayout, ReportOptions, method_order
 
 DISPLAY_NAMES = {"finetune": "Fine-tuning", "joint": "Joint", "mib": "MiB", "plop": "PLOP",
-                 "comformer": "CoMFormer", "cisdq": "CisDQ"}
+                 "comformer": "CoMFormer", "cisdq": "CisDQ", "cisdq-kl": "CisDQ (KL)"}
 METRIC_LABEL = {"miou": "mIoU", "ap": "AP"}
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
