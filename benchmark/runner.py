@@ -225,9 +225,15 @@ def _check_recorded_config(store, r: Resolved) -> None:
 
 
 def _step0_key(r: Resolved) -> str:
+    """Content key of a shared step 0: protocol, seed, configuration and the model's initial query layout.
+
+    The layout is part of the key because a method that shares the standard step 0 may size its model
+    itself (CisDQ: one query per base class): it shares the cached model only when that is the same model.
+    """
+    layout = [list(group) for group in r.method.initial_layout(r.train_protocol, r.preset)]
     blob = json.dumps({"protocol": r.protocol.fingerprint, "seed": r.spec.seed, "config": {
         k: v for k, v in r.config.items() if k not in ("method_hparams",)} | {"schedule": vars(r.schedule.step0)},
-        "dataset": r.protocol.dataset}, sort_keys=True)
+        "dataset": r.protocol.dataset, "layout": layout}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

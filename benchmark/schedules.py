@@ -61,8 +61,8 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper")
 # ---- the embedded CPU schedule ------------------------------------------------------------------
 # Calibrated on the 2-core machine (issue 9): tiny preset (from scratch), 64 px crops of the synthetic
 # images, lr 1e-3 (3e-4 learned nothing in 300 iterations; 2e-3 was no better than 1e-3).
-_CPU = StepSchedule(iterations=600, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)
-CPU_SCHEDULE = dict(step0=_CPU, increment=replace(_CPU, iterations=100), joint=_CPU,
+_CPU = StepSchedule(iterations=900, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)
+CPU_SCHEDULE = dict(step0=_CPU, increment=replace(_CPU, iterations=100), joint=replace(_CPU, iterations=1200),
                     source="embedded CPU default, calibrated on 2 CPU cores (issue 9)", checkpoint_every=50,
                     backbone_multiplier=1.0,
                     augmentation=(("color_jitter", False), ("scale_range", (1.0, 1.0))))

@@ -65,8 +65,9 @@ class Method:
     """Base class: fine-tuning behaviour; subclasses override the hooks they need.
 
     Class attributes tell the runner how to schedule the method:
-      * ``shares_standard_step0``: step 0 is the standard engine step on the base classes, identical
-        for every such method, so the runner trains it once and reuses it (methods.md, schedules).
+      * ``shares_standard_step0``: step 0 is the standard engine step (the set loss on the base classes)
+        on the model of :meth:`initial_layout`, so the runner trains it once per layout and reuses it for
+        every such method (methods.md, schedules; the cache key includes the layout).
       * ``needs_old_model``: the engine builds the frozen previous-step model for steps t > 0 and runs
         it once per batch (no grad), handing its outputs to ``loss``.
       * ``joint``: train one step on every class (the upper bound).

@@ -247,7 +247,10 @@ class CisDQ(Method):
     """CisDQ on the shared engine (see the module docstring for the behaviour and its sources)."""
 
     name = "cisdq"
-    shares_standard_step0 = False
+    # Step 0 is the engine's set loss on group 0 alone (test_step0_loss_is_group0_set_loss_only): the
+    # standard step on CisDQ's own layout. It is reused from the cache when a run with the same layout
+    # trained it (e.g. the tiny preset's 10 queries = one per class of synth-10-x's base step).
+    shares_standard_step0 = True
     needs_old_model = True
     query_groups = True
     hparams: CisDQParams

@@ -160,7 +160,7 @@ def test_command_line_overrides_are_typed():
 
 
 def test_method_flags_and_kl_variant_class():
-    assert CisDQ.shares_standard_step0 is False and CisDQ.needs_old_model and CisDQ.query_groups
+    assert CisDQ.shares_standard_step0 and CisDQ.needs_old_model and CisDQ.query_groups
     assert CisDQKL.for_protocol("voc-19-1").hparams.distill == "kl"
     assert CisDQKL.for_protocol("voc-19-1").hparams.kl_weights == (300, 5, 1, 100, 0.1, 1)
     assert CisDQ.for_protocol("voc-19-1").hparams.distill == "qgkd"

@@ -112,6 +112,11 @@ def test_shared_step0_is_reused_across_methods(tmp_path):
     assert len(caches) == 1
     with np.load(a / "step_00" / "confusion.npz") as z, np.load(caches[0] / "step_00" / "confusion.npz") as c:
         assert np.array_equal(z["matrix"], c["matrix"])
+    # CisDQ's group 0 (one query per base class) is the tiny preset's 10-query model: the same step 0
+    b = run_one(spec("cisdq", tmp_path, extra=["--set", "increment.iterations=1"]), show_progress=False)
+    assert "step 0 reused" in (b / "log.txt").read_text() and len(list((tmp_path / "_step0").iterdir())) == 1
+    with np.load(a / "step_00" / "confusion.npz") as z, np.load(b / "step_00" / "confusion.npz") as c:
+        assert np.array_equal(z["matrix"], c["matrix"])
 
 
 def test_sigkill_mid_step_then_same_command_gives_identical_metrics(tmp_path):
@@ -205,8 +210,12 @@ def test_parallel_dispatch_puts_shared_step0_producers_first(tmp_path):
 
     names = ["finetune", "mib", "plop", "comformer", "cisdq", "joint"]
     order = [s.method for s in dispatch_order([spec(m, tmp_path) for m in names])]
-    # fine-tune trains the shared step 0 while the second worker runs CisDQ (own step 0), then joint
-    assert order == ["finetune", "cisdq", "joint", "mib", "plop", "comformer"]
+    # fine-tune trains the shared step 0 while the second worker trains joint; the rest reuse that step 0
+    # (CisDQ too: with the tiny preset's 10 queries its group 0 is the same model)
+    assert order == ["finetune", "joint", "mib", "plop", "comformer", "cisdq"]
+    wider = spec("cisdq", tmp_path, extra=["--set", "method.queries_per_class=2"])
+    assert [s.method for s in dispatch_order([spec("finetune", tmp_path), spec("mib", tmp_path), wider])] == \
+        ["finetune", "cisdq", "mib"]
     other_seed = RunSpec(method="mib", protocol=PROTOCOL, seed=1, device="cpu", out=str(tmp_path))
     assert [s.method for s in dispatch_order([spec("finetune", tmp_path), other_seed])] == ["finetune", "mib"]
 

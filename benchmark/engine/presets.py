@@ -165,7 +165,7 @@ _PRESETS: dict[str, ModelPreset] = {
             # 20 queries and 256 points: calibrated on the 2-core CPU (issue 9). With 50 queries the
             # from-scratch model specialises its queries far more slowly (joint mIoU 7 vs 15 after 450
             # iterations); 256 points = the 16x16 mask-logit pixels of a 64-px crop.
-            hidden_dim=64, num_queries=20, encoder_layers=2, decoder_layers=4, num_attention_heads=4,
+            hidden_dim=64, num_queries=10, encoder_layers=2, decoder_layers=3, num_attention_heads=4,
             dim_feedforward=256, encoder_feedforward_dim=256, train_num_points=256,
             freeze_backbone_norm=False,
             description="CPU default: ResNet basic 32-256, hidden 64, 20 queries, 2 enc / 4 dec",
