@@ -85,6 +85,16 @@ def dispatch_order(specs: Sequence) -> list:
     return producers + own + consumers
 
 
+def prepare_synthetic(specs: Sequence) -> None:
+    """Generate the synthetic datasets of the grid here, with a progress bar, before the workers start
+    (they would otherwise wait on the generation lock, silently)."""
+    from benchmark.data import ensure_synth
+    from benchmark.runner import resolve
+
+    for synth in {r.synth for r in map(resolve, specs) if r.protocol.dataset.startswith("synth")}:
+        ensure_synth(synth, progress=True)
+
+
 def _count_done(run_dirs: Sequence[Path]) -> int:
     return sum(len(list(d.glob("step_*/DONE"))) for d in run_dirs)
 
@@ -106,6 +116,7 @@ def run_grid(specs: Sequence, jobs: int = 1, launcher: str = "local", slurm: dic
 
     from benchmark.runner import get_protocol_name, step_count
 
+    prepare_synthetic(specs)
     specs = _assign_gpus(dispatch_order(specs), jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     run_dirs = [s.run_dir(get_protocol_name(s)) for s in specs]

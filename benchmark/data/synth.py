@@ -27,6 +27,7 @@ leaves a half dataset; a later call regenerates it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -293,18 +294,23 @@ def ensure_synth(spec: SynthSpec, root: str | os.PathLike | None = None, progres
     if (final / "spec.json").is_file():
         return final
     parent.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for stale in parent.glob(f".{spec.folder_name}.tmp-*"):
-        if now - stale.stat().st_mtime > STALE_TEMP_SECONDS:
-            shutil.rmtree(stale, ignore_errors=True)
-    temp = parent / f".{spec.folder_name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        generate(spec, temp, progress)
+    # Parallel runs (--jobs) all ask for the dataset at once: one generates, the others wait for it.
+    with open(parent / f".{spec.folder_name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "spec.json").is_file():
+            return final
+        now = time.time()
+        for stale in parent.glob(f".{spec.folder_name}.tmp-*"):
+            if now - stale.stat().st_mtime > STALE_TEMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        temp = parent / f".{spec.folder_name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            os.rename(temp, final)
-        except OSError:
-            if not (final / "spec.json").is_file():    # not a concurrent generation that won the race
-                raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+            generate(spec, temp, progress)
+            try:
+                os.rename(temp, final)
+            except OSError:
+                if not (final / "spec.json").is_file():    # a generation without the lock won the race
+                    raise
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
     return final
