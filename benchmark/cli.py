@@ -123,6 +123,11 @@ def specs_from_args(args: argparse.Namespace):
     return specs
 
 
+# Third-party packages the command needs (pyproject.toml): a missing one is an installation problem.
+REQUIRED_MODULES = frozenset({"torch", "transformers", "scipy", "numpy", "PIL", "pycocotools", "pandas",
+                              "matplotlib", "seaborn", "tabulate", "joblib", "tqdm", "submitit"})
+
+
 def _jobs(text: str) -> int | str:
     if text == "auto":
         return text
@@ -185,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; run the same command to resume", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in REQUIRED_MODULES:
+            raise
+        print(f"error: the package {err.name!r} is not installed in this Python ({sys.executable})", file=sys.stderr)
+        print('hint: install the project first: pip install -e .  (CPU machines: torch==2.13.0 CPU build)',
+              file=sys.stderr)
+        return 2
 
 
 def _is_main_process() -> bool:

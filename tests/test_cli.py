@@ -52,3 +52,11 @@ def test_user_errors_are_clear_and_without_traceback(args, needle):
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("error: ")
     assert needle in out.stderr
+
+
+def test_missing_dependency_is_an_installation_hint_not_a_traceback():
+    code = ("import sys; sys.modules['torch'] = None; from benchmark.cli import main; "
+            "sys.exit(main(['--list', 'methods']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and "'torch' is not installed" in res.stderr and "pip install -e ." in res.stderr
+    assert "Traceback" not in res.stderr

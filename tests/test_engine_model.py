@@ -36,7 +36,7 @@ def test_presets_follow_mask2former_and_build_without_download():
     assert get_preset("swin-b").mask2former_config().backbone_config.window_size == 12
     assert get_preset("r50").freeze_backbone_norm and not get_preset("swin-t").freeze_backbone_norm
     tiny = get_preset("tiny")
-    assert tiny.train_num_points < 12544 and tiny.hidden_dim == 64 and tiny.num_queries == 20
+    assert tiny.train_num_points < 12544 and tiny.hidden_dim == 64 and tiny.num_queries == 10
     # transformers counts prediction sets: decoder_layers=4 means 3 masked-attention layers + 1.
     model = build_model("tiny", [(5, 2)])
     assert len(model.model.transformer_module.decoder.layers) == tiny.decoder_layers - 1

@@ -10,8 +10,8 @@ drop-path 0.3 (``SWIN.DROP_PATH_RATE``), Swin-B the 384-pretraining window 12.
 
 CPU presets (``tiny``, ``mid``) are ours, sized by the measurements in engine.md so the embedded
 benchmark runs in minutes on 2 cores. The loss dominates small models, so they sample fewer points
-(tiny: 1024, which cut tiny's forward+loss from 0.144 s to 0.038 s in engine.md's measurement; mid:
-3136, a quarter of the paper's 12544). They train from scratch, so their BatchNorm is trainable.
+(engine.md measured 1024 points cutting the forward+loss from 0.144 s to 0.038 s; tiny now takes 256,
+the 16x16 mask-logit pixels of its 64-px crops; mid: 3136, a quarter of the paper's 12544). They train from scratch, so their BatchNorm is trainable.
 """
 
 from __future__ import annotations
@@ -162,13 +162,15 @@ _PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="tiny",
             backbone=ResNetSpec(32, (32, 64, 128, 256), (1, 1, 1, 1), "basic"),
-            # 20 queries and 256 points: calibrated on the 2-core CPU (issue 9). With 50 queries the
-            # from-scratch model specialises its queries far more slowly (joint mIoU 7 vs 15 after 450
-            # iterations); 256 points = the 16x16 mask-logit pixels of a 64-px crop.
+            # Calibrated on the 2-core CPU (issue 9), joint training on synth-10-5, 900 iterations:
+            # 10 queries and 3 prediction sets reached 68.0 mIoU at 0.19 s/it vs 65.7 at 0.21 s/it with
+            # 20 queries and 4 sets (50 queries learned slower still: 7 vs 15 mIoU after 450 iterations);
+            # 10 queries also make CisDQ's group 0 (one query per base class) the same model.
+            # 256 points = the 16x16 mask-logit pixels of a 64-px crop.
             hidden_dim=64, num_queries=10, encoder_layers=2, decoder_layers=3, num_attention_heads=4,
             dim_feedforward=256, encoder_feedforward_dim=256, train_num_points=256,
             freeze_backbone_norm=False,
-            description="CPU default: ResNet basic 32-256, hidden 64, 20 queries, 2 enc / 4 dec",
+            description="CPU default: ResNet basic 32-256, hidden 64, 10 queries, 2 enc / 3 dec",
         ),
         ModelPreset(
             name="mid",
