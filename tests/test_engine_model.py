@@ -69,7 +69,7 @@ def test_single_group_forward_reproduces_stock_mask2former(training):
     out = model(pixels)
     ref = stock(pixels, output_auxiliary_logits=True, output_hidden_states=True)
 
-    assert out.num_layers == 4 == len(ref.auxiliary_logits) + 1
+    assert out.num_layers == model.preset.decoder_layers == len(ref.auxiliary_logits) + 1
     assert torch.equal(out.class_logits(), ref.class_queries_logits)
     assert torch.equal(out.mask_logits(), ref.masks_queries_logits)
     for layer, aux in enumerate(ref.auxiliary_logits):
@@ -89,7 +89,8 @@ def test_forward_shapes_and_no_hooks_left():
     assert all(len(layer) == 2 for layer in out.layer_class_logits)
     assert tuple(out.mask_logits().shape) == (2, 10, 16, 16)
     assert tuple(out.mask_logits(group=1).shape) == (2, 4, 16, 16)
-    assert tuple(out.query_states().shape) == (2, 10, 64) and len(out.layer_query_states) == 4
+    assert tuple(out.query_states().shape) == (2, 10, 64)
+    assert len(out.layer_query_states) == model.preset.decoder_layers
     assert [f.shape[-1] for f in out.backbone_features] == [16, 8, 4, 2]
     assert tuple(out.mask_features.shape) == (2, 64, 16, 16)
     assert out.group_queries == (slice(0, 6), slice(6, 10))

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from benchmark.engine.presets import get_preset
 from benchmark.perf import PerfSettings, run_perf
 from benchmark.perf.__main__ import main
 from benchmark.perf.cases import CaseBuilder, all_cases
@@ -55,14 +56,14 @@ def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tm
     assert data["peak_memory_mib"]["cpu"] == {name: None for name in all_cases(METHODS)}
     # the step-0 models were trained once and kept, keyed by configuration, for later runs and subprocesses
     kept = sorted(p.name.rsplit("_", 1)[0] for p in (tmp_path / "work" / "cpu").iterdir())
-    assert kept == ["step0_cisdq", "step0_finetune"]
+    assert kept == ["step0_finetune"]      # CisDQ's group 0 is the tiny preset's model: the same step 0
 
     def no_training(*args):
         raise AssertionError("trained again")
 
     monkeypatch.setattr("benchmark.perf.cases.train_step0", no_training)
     again = CaseBuilder(tiny_settings, "cpu", tmp_path / "work" / "cpu").step0_model("mib")
-    assert again.layout == ((20, 10),)
+    assert again.layout == ((get_preset("tiny").num_queries, 10),)
     with pytest.raises(AssertionError, match="trained again"):    # another configuration, another key
         CaseBuilder(replace(tiny_settings, seed=1), "cpu", tmp_path / "work" / "cpu").step0_model("mib")
 

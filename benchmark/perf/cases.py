@@ -69,6 +69,14 @@ class CaseBuilder:
             self._runners[method] = step_runner(self.resolved(method))
         return self._runners[method]
 
+    def _shares_baseline_step0(self, method: str) -> bool:
+        """As the runner decides (its step-0 cache key holds the layout): a standard step 0 on the same model."""
+        def layout(name):
+            r = self.resolved(name)
+            return r.method.initial_layout(r.train_protocol, r.preset)
+
+        return self.resolved(method).method.shares_standard_step0 and layout(method) == layout(BASELINE_METHOD)
+
     def step0_model(self, method: str):
         """The step-0 model ``method`` continues from: the shared standard one, or the method's own.
 
@@ -77,7 +85,7 @@ class CaseBuilder:
         """
         from benchmark.engine.checkpoint import save_weights
 
-        owner = BASELINE_METHOD if self.resolved(method).method.shares_standard_step0 else method
+        owner = BASELINE_METHOD if self._shares_baseline_step0(method) else method
         r, runner = self.resolved(owner), self.runner(owner)
         key = digest("perf-step0", r.config, r.protocol.fingerprint, r.spec.seed, runner.device.type)[:16]
         path = self.work_dir / f"step0_{owner}_{key}.pt"

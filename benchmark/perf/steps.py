@@ -207,7 +207,8 @@ class StockStep:
         cfg, device = self.cfg, self.device
         self.stock.load_state_dict(self.initial_state)
         optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=(device.type == "cuda") or None)
+                                      fused=(device.type == "cuda") or None,
+                                      foreach=None if device.type == "cuda" else True)   # as build_optimizer
         scheduler = build_scheduler(optimizer, replace(cfg, iterations=iterations))
         amp = resolve_amp(cfg.amp, device)
         amp_dtype = AMP_DTYPES[cfg.amp_dtype]
