@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -95,6 +97,30 @@ def prepare_synthetic(specs: Sequence) -> None:
         ensure_synth(synth, progress=True)
 
 
+_ITERATION = re.compile(r"step (\d+): iteration (\d+)/(\d+)")
+_ACTIVE_SECONDS = 120.0
+
+
+def _active_iteration(spec, run_dir: Path) -> str | None:
+    """``"<method> seed S: step t i/n"`` for a run whose log was written to recently, else None."""
+    log_file = run_dir / "log.txt"
+    try:
+        if time.time() - log_file.stat().st_mtime > _ACTIVE_SECONDS:
+            return None
+        with open(log_file, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            tail = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = _ITERATION.findall(tail)
+    if not found:
+        return None
+    step, done, total = found[-1]
+    if done == total:
+        return None
+    return f"{spec.method} seed {spec.seed}: step {step} {done}/{total}"
+
+
 def _count_done(run_dirs: Sequence[Path]) -> int:
     return sum(len(list(d.glob("step_*/DONE"))) for d in run_dirs)
 
@@ -125,9 +151,13 @@ def run_grid(specs: Sequence, jobs: int = 1, launcher: str = "local", slurm: dic
     with tqdm(total=sum(step_count(s) for s in specs), desc=f"benchmark ({jobs} runs at a time)",
               unit="step", initial=_count_done(run_dirs)) as bar:
         def follow() -> None:
-            # The workers' progress, read from the results store: a step is done when its DONE file exists.
+            # The workers' progress, read from the results store: a step is done when its DONE file exists;
+            # within a step, the trainer's last "iteration i/n" line in the run's log.txt.
             while not stop.wait(1.0):
                 bar.update(_count_done(run_dirs) - bar.n)
+                active = [a for a in map(_active_iteration, specs, run_dirs) if a]
+                finished = f"{len(out)}/{len(specs)} runs finished"
+                bar.set_postfix_str("; ".join(active + [finished]))
 
         watcher = threading.Thread(target=follow, daemon=True)
         watcher.start()
