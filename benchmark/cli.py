@@ -183,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nreport: {report_dir}")
         return 0
     except UserError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
-        return err.exit_code
+        return err.report()
     except KeyboardInterrupt:
         print("interrupted: finished steps are kept; run the same command to resume", file=sys.stderr)
         return 130

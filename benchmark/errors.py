@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """An error the user can fix: bad arguments, missing data, wrong environment.
@@ -18,6 +20,14 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+    def report(self, stream=None) -> int:
+        """Print ``error: ...`` and ``hint: ...`` (to stderr) for a command's user; returns the exit code."""
+        stream = sys.stderr if stream is None else stream
+        print(f"error: {self.message}", file=stream)
+        if self.hint:
+            print(f"hint: {self.hint}", file=stream)
+        return self.exit_code
 
 
 class DataError(UserError):

@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return prepare(args.dataset, Path(args.root).expanduser(), download_missing=args.download, verify=args.verify,
                        sources_path=Path(args.sources), keep_archives=args.keep_archives, progress=not args.quiet)
     except UserError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
-        return err.exit_code
+        return err.report()
 
 
 if __name__ == "__main__":

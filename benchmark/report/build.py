@@ -105,10 +105,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
                            ReportOptions(voc_background=args.voc_background, decimals=args.decimals,
                                          plots=not args.no_plots))
     except UserError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
-        return err.exit_code
+        return err.report()
     print((out / "tables.md").read_text())
     print(f"report written to {out}")
     return 0
