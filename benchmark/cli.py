@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmark.errors import UserError
+from benchmark.errors import EnvironmentProblem, UserError
 
 DEFAULT_PROTOCOL = "synth-10-5"
 DEFAULT_SEEDS = (0,)
@@ -92,8 +92,8 @@ def _list(what: str) -> None:
 
 def specs_from_args(args: argparse.Namespace):
     from benchmark.config import check_sections, parse_set_options
-    from benchmark.runner import OVERRIDE_SECTIONS, RunSpec, default_methods, resolve_device_name
-    from methods import get_method_class
+    from benchmark.runner import OVERRIDE_SECTIONS, RunSpec, resolve_device_name
+    from methods import default_methods, get_method_class
     from protocols import get_protocol
 
     methods = args.methods or default_methods()
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe_plan(specs))
             return 0
-        from benchmark.parallel import run_grid
-
-        from benchmark.parallel import default_jobs
+        from benchmark.parallel import default_jobs, run_grid
 
         jobs = default_jobs(specs) if args.jobs == "auto" else args.jobs
         run_dirs = run_grid(specs, jobs=jobs, launcher=args.launcher, slurm=dict(
@@ -190,10 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in REQUIRED_MODULES:
             raise
-        print(f"error: the package {err.name!r} is not installed in this Python ({sys.executable})", file=sys.stderr)
-        print('hint: install the project first: pip install -e .  (CPU machines: torch==2.13.0 CPU build)',
-              file=sys.stderr)
-        return 2
+        return EnvironmentProblem(f"the package {err.name!r} is not installed in this Python ({sys.executable})",
+                                  hint="install the project first: pip install -e .  (CPU machines: torch==2.13.0 "
+                                       "CPU build)").report()
 
 
 def _is_main_process() -> bool:

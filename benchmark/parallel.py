@@ -165,9 +165,8 @@ def run_grid(specs: Sequence, jobs: int = 1, launcher: str = "local", slurm: dic
             # return_as="generator_unordered" streams results as runs finish.
             results = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")(
                 delayed(_run_quiet)(s, threads) for s in specs)
-            for path in results:
+            for path in results:            # the watcher reads len(out) for its "runs finished"
                 out.append(Path(path))
-                bar.set_postfix_str(f"{len(out)}/{len(specs)} runs finished")
         finally:
             stop.set()
             watcher.join()

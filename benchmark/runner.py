@@ -61,12 +61,6 @@ class RunSpec:
         return Path(self.out) / (protocol_name or self.protocol) / self.method / f"seed{self.seed}"
 
 
-def default_methods() -> list[str]:
-    from methods import default_methods as registered_defaults
-
-    return registered_defaults()
-
-
 def resolve_device_name(name: str) -> str:
     from benchmark.engine.device import resolve_device
 
