@@ -143,6 +143,12 @@ def _jobs(text: str) -> int | str:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if sys.stderr.isatty():      # the bars show the iterations; plain log lines only when not a terminal
+        from benchmark.progress import console_filter
+
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(console_filter)
 
 
 def main(argv: list[str] | None = None) -> int:

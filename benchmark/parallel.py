@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -97,34 +94,6 @@ def prepare_synthetic(specs: Sequence) -> None:
         ensure_synth(synth, progress=True)
 
 
-_ITERATION = re.compile(r"step (\d+): iteration (\d+)/(\d+)")
-_ACTIVE_SECONDS = 120.0
-
-
-def _active_iteration(spec, run_dir: Path) -> str | None:
-    """``"<method> seed S: step t i/n"`` for a run whose log was written to recently, else None."""
-    log_file = run_dir / "log.txt"
-    try:
-        if time.time() - log_file.stat().st_mtime > _ACTIVE_SECONDS:
-            return None
-        with open(log_file, "rb") as handle:
-            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
-            tail = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    found = _ITERATION.findall(tail)
-    if not found:
-        return None
-    step, done, total = found[-1]
-    if done == total:
-        return None
-    return f"{spec.method} seed {spec.seed}: step {step} {done}/{total}"
-
-
-def _count_done(run_dirs: Sequence[Path]) -> int:
-    return sum(len(list(d.glob("step_*/DONE"))) for d in run_dirs)
-
-
 def run_grid(specs: Sequence, jobs: int = 1, launcher: str = "local", slurm: dict | None = None) -> list[Path]:
     """Run every spec; returns the run folders. User errors of any run are raised as they are."""
     if not specs:
@@ -138,39 +107,21 @@ def run_grid(specs: Sequence, jobs: int = 1, launcher: str = "local", slurm: dic
 
         return run_sequence(specs)
     from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
 
-    from benchmark.runner import get_protocol_name, step_count
+    from benchmark.progress import GridProgress, plan_units
 
     prepare_synthetic(specs)
     specs = _assign_gpus(dispatch_order(specs), jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    run_dirs = [s.run_dir(get_protocol_name(s)) for s in specs]
     out: list[Path] = []
-    stop = threading.Event()
-    with tqdm(total=sum(step_count(s) for s in specs), desc=f"benchmark ({jobs} runs at a time)",
-              unit="step", initial=_count_done(run_dirs)) as bar:
-        def follow() -> None:
-            # The workers' progress, read from the results store: a step is done when its DONE file exists;
-            # within a step, the trainer's last "iteration i/n" line in the run's log.txt.
-            while not stop.wait(1.0):
-                bar.update(_count_done(run_dirs) - bar.n)
-                active = [a for a in map(_active_iteration, specs, run_dirs) if a]
-                finished = f"{len(out)}/{len(specs)} runs finished"
-                bar.set_postfix_str("; ".join(active + [finished]))
-
-        watcher = threading.Thread(target=follow, daemon=True)
-        watcher.start()
-        try:
-            # return_as="generator_unordered" streams results as runs finish.
-            results = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")(
-                delayed(_run_quiet)(s, threads) for s in specs)
-            for path in results:            # the watcher reads len(out) for its "runs finished"
-                out.append(Path(path))
-        finally:
-            stop.set()
-            watcher.join()
-        bar.update(_count_done(run_dirs) - bar.n)
+    # The workers' progress is read from the results store (DONE markers, the iteration lines of log.txt).
+    with GridProgress(plan_units(specs), desc=f"benchmark ({jobs} runs at a time)",
+                      extra=lambda: f"{len(out)}/{len(specs)} runs finished"):
+        # return_as="generator_unordered" streams results as runs finish.
+        results = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")(
+            delayed(_run_quiet)(s, threads) for s in specs)
+        for path in results:
+            out.append(Path(path))
     return sorted(out)
 
 

@@ -386,7 +386,7 @@ class StepRunner:
                              extra={"seconds": seconds})
 
 
-def run_one(spec: RunSpec, show_progress: bool = True, on_step_done=None) -> Path:
+def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
     """Run (or resume) every step of one (method, protocol, seed); returns the run folder."""
     from benchmark.store import RunStore
 
@@ -414,8 +414,6 @@ def run_one(spec: RunSpec, show_progress: bool = True, on_step_done=None) -> Pat
             if store.is_done(t):
                 log.info("step %d already done: skipped", t)
                 prev_weights = store.weights_path(t)
-                if on_step_done:
-                    on_step_done()
                 continue
             if r.protocol.task == "instance" and is_main:
                 header["val_annotations"] = str(runner.val_ds.coco_json_path)
@@ -436,8 +434,6 @@ def run_one(spec: RunSpec, show_progress: bool = True, on_step_done=None) -> Pat
                 (run_dir / f"step_{t:02d}.inprogress.pt").unlink(missing_ok=True)
             runner.dist.barrier()
             prev_weights = store.weights_path(t)
-            if on_step_done:
-                on_step_done()
     return run_dir
 
 
@@ -465,25 +461,16 @@ def _shared_step0(runner: StepRunner):
         return model, cache.step_result(0)
 
 
-def step_count(spec: RunSpec) -> int:
-    """Steps of one run (joint training is one step)."""
-    from methods import get_method_class
-    from protocols import get_protocol
-
-    return 1 if get_method_class(spec.method).joint else get_protocol(spec.protocol).num_steps
-
-
 def run_sequence(specs: Sequence[RunSpec]) -> list[Path]:
-    """Runs one after another with an overall progress bar (runs x steps)."""
-    from tqdm.auto import tqdm
+    """Runs one after another, with the grid's progress in iterations (benchmark.progress)."""
+    from benchmark.progress import GridProgress, plan_units
 
-    total = sum(step_count(s) for s in specs)
-    main = int(os.environ.get("RANK", "0")) == 0
+    if int(os.environ.get("RANK", "0")) != 0:      # torchrun: rank 0 shows the progress
+        return [run_one(spec, show_progress=True) for spec in specs]
     out = []
-    with tqdm(total=total, desc="benchmark", unit="step", position=0, disable=not main or None) as bar:
+    with GridProgress(plan_units(specs), extra=lambda: f"{len(out)}/{len(specs)} runs finished"):
         for spec in specs:
-            bar.set_postfix_str(f"{spec.method} {spec.protocol} seed {spec.seed}")
-            out.append(run_one(spec, show_progress=True, on_step_done=lambda: bar.update(1)))
+            out.append(run_one(spec, show_progress=True))
     return out
 
 

@@ -52,6 +52,17 @@ def test_semantic_inference_crops_padding_and_resizes_to_original():
     assert (uncropped == 3).any()
 
 
+def test_semantic_inference_resizes_the_class_score_maps_not_the_mask_logits():
+    # Mask2Former's semantic configs: sigmoid and sum over queries at the input size, then the score maps
+    # are resized. Input 1 x 2 -> output 1 x 4 samples input columns 0, 0.25, 0.75, 1 (bilinear, clamped).
+    probs = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
+    logits = torch.tensor([[[20.0, -20.0]], [[-2.0, -2.0]]])        # query 1: a weak column-1 everywhere
+    labels = semantic_inference(probs, logits, input_size=(1, 2), out_size=(1, 4))
+    # column 0: 0.9 * (1, 0.75, 0.25, 0) + 0.1 * 0.119; column 1: 0.1 * (1, 0.75, 0.25, 0) + 0.9 * 0.119
+    assert labels.tolist() == [[0, 0, 0, 1]]
+    # Resizing the logits first would give sigmoid(-10) ~ 0 at the third pixel, i.e. column 1 there.
+
+
 def test_semantic_inference_sums_over_queries():
     # Two weak queries of column 1 together beat one stronger query of column 0 (sum, not max).
     probs = torch.tensor([[0.6, 0.0], [0.0, 0.4], [0.0, 0.4]])
@@ -98,7 +109,8 @@ def test_instance_inference_orders_pairs_best_first():
 
 # --- evaluate ------------------------------------------------------------------------------------
 class HalvesModel(nn.Module):
-    """Predicts column 0 on the left half of the input and column 1 on the right half (mask logits at input size)."""
+    """Predicts column 0 on input columns 0-3 (the left half of the 8-wide test images) and column 1 elsewhere
+    (mask logits at input size); a fixed column, so the evaluation's padding to a multiple of 32 keeps it."""
 
     def __init__(self, num_columns: int):
         super().__init__()
@@ -108,7 +120,7 @@ class HalvesModel(nn.Module):
     def forward(self, pixel_values, pixel_mask=None):
         batch, _, height, width = pixel_values.shape
         masks = torch.full((batch, 2, height, width), -20.0)
-        masks[:, 0, :, : width // 2] = 20.0
+        masks[:, 0, :, :4] = 20.0
         masks[:, 1] = -masks[:, 0]
         logits = torch.full((batch, 2, self.num_columns + 1), -10.0)
         logits[:, 0, 0] = 10.0
@@ -146,6 +158,22 @@ def test_evaluate_semantic_confusion_matrix():
     expected[row[b], row[b]] = 12
     assert result.matrix.dtype == np.int64
     np.testing.assert_array_equal(result.matrix, expected)
+
+
+class ShapeRecorder(HalvesModel):
+    def forward(self, pixel_values, pixel_mask=None):
+        self.seen = getattr(self, "seen", []) + [tuple(pixel_values.shape[-2:])]
+        return super().forward(pixel_values, pixel_mask)
+
+
+def test_evaluate_pads_the_input_to_a_multiple_of_32_with_the_mean_colour():
+    protocol = get_protocol("synth-10-5")
+    target = np.full((40, 50), protocol.class_order[0], dtype=np.int64)
+    sample = EvalSample(torch.ones(3, 40, 50), "img", (40, 50), target)
+    model = ShapeRecorder(num_columns=10)
+    result = evaluate(model, [sample], protocol, step=0, device="cpu", task="semantic", progress=False)
+    assert model.seen == [(64, 64)]              # ImageList.from_tensors(size_divisibility=32)
+    assert result.matrix.sum() == 40 * 50        # the padding is cropped off again
 
 
 def test_evaluate_refuses_a_model_with_the_wrong_number_of_columns():

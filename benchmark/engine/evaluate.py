@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm import tqdm
 
 from benchmark.batch import EvalSample
+from benchmark.data.loader import SIZE_DIVISIBILITY
 from benchmark.engine.inference import instance_inference, semantic_inference
 from benchmark.errors import ConfigError
 from benchmark.metrics import (confusion_update, index_lookup, mask_ap, masks_to_coco_results, native_to_index,
@@ -87,21 +88,28 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
     try:
         with torch.inference_mode():
             for sample in _progress(_shard(loader, rank, world), progress and rank == 0):
-                outputs = net(sample.pixel_values[None].to(device, non_blocking=True))
+                # Zero-padded (the mean colour) to a multiple of 32 as Mask2Former's ImageList.from_tensors
+                # (maskformer_model.py L195); the inference crops the padding off again.
+                input_size = tuple(sample.pixel_values.shape[-2:])
+                padded_size = tuple(-(-s // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for s in input_size)
+                pixels = torch.nn.functional.pad(sample.pixel_values, (0, padded_size[1] - input_size[1],
+                                                                       0, padded_size[0] - input_size[0]))
+                outputs = net(pixels[None].to(device, non_blocking=True))
                 if outputs.num_columns != num_seen:
                     raise ValueError(f"the model predicts {outputs.num_columns} class columns but step {step} of "
                                      f"{protocol.name} has {num_seen} seen classes")
                 class_probs = outputs.class_probs()[0]
                 mask_logits = outputs.mask_logits()[0]
-                input_size = tuple(sample.pixel_values.shape[-2:])
                 out_size = tuple(int(s) for s in sample.orig_size)
                 if task == "semantic":
-                    columns = semantic_inference(class_probs, mask_logits, input_size, out_size, mask_mode=mask_mode)
+                    columns = semantic_inference(class_probs, mask_logits, input_size, out_size,
+                                                 padded_size=padded_size, mask_mode=mask_mode)
                     target = native_to_index(torch.as_tensor(np.asarray(sample.target), device=device), lookup)
                     confusion_update(matrix, column_to_row[columns], target, len(class_ids))
                 else:
                     scores, columns, masks = instance_inference(class_probs, mask_logits, input_size, out_size,
-                                                                top_k, score_threshold, mask_mode=mask_mode)
+                                                                top_k, score_threshold, padded_size=padded_size,
+                                                                mask_mode=mask_mode)
                     detections.extend(masks_to_coco_results(sample.image_id, scores.cpu().tolist(),
                                                             seen_ids[columns.cpu()].tolist(), masks.cpu().numpy()))
                 count += 1

@@ -4,8 +4,11 @@ Both functions take one image's ``class_probs`` [Q, K] in global class columns w
 (``ModelOutputs.class_probs()``: for query groups each query's softmax runs over its own group's head) and
 its mask logits [Q, h, w] at 1/4 of the (padded) input resolution. As in Mask2Former
 (facebookresearch/Mask2Former ``maskformer_model.py``: ``F.interpolate`` to the padded input size, then
-``sem_seg_postprocess``), mask logits are upsampled bilinearly to the padded input size, cropped to the valid
-input region and resized bilinearly to the original image size before anything else.
+``sem_seg_postprocess``), mask logits are upsampled bilinearly to the padded input size and cropped to the
+valid input region. Instance inference then resizes the logits bilinearly to the original image size before
+anything else (Mask2Former's ``sem_seg_postprocess_before_inference``, on with ``INSTANCE_ON``); semantic
+inference forms the class score maps at the input size first and resizes those (its semantic configs keep
+``SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE`` False, ``maskformer_model.py`` L246-250).
 
 ``mask_mode="softmax"`` (CoMFormer's engine variant) replaces the per-query sigmoid by a softmax over the
 queries at each pixel; an instance mask is then the pixels where that probability exceeds 0.5 (the sigmoid
@@ -46,10 +49,16 @@ def _mask_probs(logits: Tensor, mask_mode: str) -> Tensor:
 
 def semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
                        padded_size: Size | None = None, mask_mode: str = "sigmoid") -> Tensor:
-    """[H, W] int64 class columns: per pixel ``argmax_c sum_q p(c | q) * mask_q`` (Mask2Former semantic inference)."""
+    """[H, W] int64 class columns: per pixel ``argmax_c sum_q p(c | q) * mask_q`` (Mask2Former semantic inference).
+
+    The score maps are formed at the input size and then resized to ``out_size`` (not the mask logits), as
+    Mask2Former's semantic configs do.
+    """
     _check(class_probs, mask_logits)
-    masks = _mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)
+    masks = _mask_probs(resize_mask_logits(mask_logits, input_size, input_size, padded_size), mask_mode)
     scores = torch.einsum("qk,qhw->khw", class_probs.float(), masks)
+    if tuple(out_size) != tuple(input_size):
+        scores = F.interpolate(scores[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
     return scores.argmax(dim=0)
 
 

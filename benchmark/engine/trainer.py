@@ -38,6 +38,7 @@ from benchmark.engine.checkpoint import capture_rank_state, resume, save_checkpo
 from benchmark.engine.device import DistributedContext, plan_batches, resolve_amp
 from benchmark.engine.optim import AMP_DTYPES, TrainConfig, build_optimizer, build_scheduler
 from benchmark.errors import ConfigError, EnvironmentProblem, UserError
+from benchmark.progress import PROGRESS_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +241,9 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     checkpoint_path: the step's in-step checkpoint; an existing one written by the same settings is
                 resumed (a different configuration raises ConfigError); None disables checkpoints.
     fingerprint: the runner's hash of everything else the result depends on (see :func:`step_config`).
-    progress:   show a tqdm bar (loss, ETA) on rank 0 when stderr is a terminal; otherwise rank 0 logs a
-                line per log point through ``logging``. ``desc`` labels the bar (default ``step <t>``).
+    progress:   show a tqdm bar (loss, ETA) on rank 0 when stderr is a terminal. Rank 0 also logs a line
+                per log point through ``logging`` (marked PROGRESS_RECORD, so that a console showing the bar
+                can drop it; log.txt keeps it). ``desc`` labels the bar (default ``step <t>``).
 
     Under DDP (``broadcast_buffers=False`` as detectron2), every trainable parameter must receive a
     gradient from the loss each iteration, or be frozen; ``cfg.find_unused_parameters`` covers parameters
@@ -364,11 +366,13 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
                              f"{cfg.grad_clip}) or check the listed loss terms of method {_method_name(method)!r}")
                 if show_bar:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-                elif dist.is_main:
+                if dist.is_main:
+                    # Always written (log.txt, and the grid's progress reads it: benchmark.progress); a
+                    # console that shows the bar drops it (PROGRESS_RECORD, benchmark.cli).
                     elapsed = time.perf_counter() - segment_start
                     eta = elapsed / (done - start) * (cfg.iterations - done)
                     logger.info("step %d: iteration %d/%d loss %.4f lr %.2e eta %s", ctx.step, done,
-                                cfg.iterations, row["loss"], lr, _format_eta(eta))
+                                cfg.iterations, row["loss"], lr, _format_eta(eta), extra={PROGRESS_RECORD: True})
             if checkpoint_path is not None and (
                     done == cfg.iterations or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 save(done)
