@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default=None, help="cpu (default without CUDA), paper, cisdq-paper")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="results", help="results folder (default: results/)")
-    p.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE", default=[],
-                   help="typed override, e.g. increment.iterations=50, method.kd_weight=10, data.workers=2")
+    # nargs="+" with "extend": one flag takes several pairs (--set a=1 b=2, as detectron2's trailing opts)
+    # and repeated flags still add up.
+    p.add_argument("--set", action="extend", nargs="+", dest="overrides", metavar="KEY=VALUE", default=[],
+                   help="typed overrides, e.g. --set increment.iterations=50 method.kd_weight=10 data.workers=2")
     p.add_argument("--backbone-weights", default=None, metavar="PATH",
                    help="pretrained backbone: HF folder, torchvision .pth or detectron2 .pkl")
     p.add_argument("--jobs", type=_jobs, default="auto",

@@ -60,3 +60,11 @@ def test_missing_dependency_is_an_installation_hint_not_a_traceback():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2 and "'torch' is not installed" in res.stderr and "pip install -e ." in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_one_set_flag_takes_several_pairs_and_repeated_flags_add_up():
+    out = run_cli("--methods", "finetune", "--protocol", "synth-10-5", "--set", "step0.iterations=7",
+                  "increment.iterations=5", "--set", "increment.lr=0.002", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[-3], r[-1]) for r in rows] == [("0", "7", "0.001"), ("1", "5", "0.002"), ("2", "5", "0.002")]

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None,
                    help=f"measured rounds, at least {MIN_REPEATS} (default {defaults.repeats}; --quick {MIN_REPEATS})")
     p.add_argument("--workers", type=int, default=None, help="training-loader workers (default: data.workers)")
-    p.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE", default=[],
+    p.add_argument("--set", action="extend", nargs="+", dest="overrides", metavar="KEY=VALUE", default=[],
                    help="run configuration override as in run_benchmark.py, e.g. model.train_num_points=2048")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--profile", default=None, metavar="DIR",
