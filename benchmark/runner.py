@@ -34,7 +34,7 @@ from benchmark.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
-OVERRIDE_SECTIONS = ["step0", "increment", "joint", "model", "loss", "train", "data", "synth", "method"]
+OVERRIDE_SECTIONS = ["step0", "increment", "joint", "model", "loss", "train", "data", "synth", "method", "eval"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class Resolved:
     synth: Any
     criterion: Any
     config: dict = field(default_factory=dict)
+    semantic: Any = None          # engine.evaluate.SemanticInference
 
 
 def resolve(spec: RunSpec) -> Resolved:
@@ -123,18 +124,23 @@ def resolve(spec: RunSpec) -> Resolved:
     from benchmark.engine.criterion import SetCriterion
 
     criterion = apply_overrides(SetCriterion(num_points=preset.train_num_points), ov.get("loss", {}), "loss")
+    from benchmark.engine.evaluate import SemanticInference
+
+    semantic = apply_overrides(SemanticInference(), ov.get("eval", {}), "eval")
     train_protocol = protocol.as_joint() if method.joint else protocol
     config = {"loss": to_jsonable(criterion),
         "engine": spec.engine, "schedule": schedule.to_dict(), "model": to_jsonable(preset),
         "train": to_jsonable(train), "data": {"aug": to_jsonable(aug), "loader": to_jsonable(loader)},
         "method_hparams": method.hparams.to_dict(), "backbone_weights": spec.backbone_weights,
     }
+    if protocol.task == "semantic":
+        config["eval"] = to_jsonable(semantic)
     if protocol.dataset.startswith("synth"):
         config["synth"] = to_jsonable(synth)
     else:
         config["data_root"] = str(Path(spec.data_root).resolve())
     return Resolved(spec, protocol, train_protocol, method, schedule, preset, train, aug, loader, synth,
-                    criterion, json.loads(json.dumps(config)))
+                    criterion, json.loads(json.dumps(config)), semantic)
 
 
 # ---- datasets -------------------------------------------------------------------------------------
@@ -364,7 +370,7 @@ class StepRunner:
         # evaluate() shards the loader over DDP ranks itself.
         loader = eval_loader(EvalView(self.val_ds, sched.eval_size), workers=self.r.loader.evaluation_workers)
         return evaluate(model, loader, self.r.train_protocol, t, self.device, self.r.protocol.task,
-                        mask_mode=self.r.criterion.mask_mode, progress=self.show_progress,
+                        mask_mode=self.r.criterion.mask_mode, semantic=self.r.semantic, progress=self.show_progress,
                         score_threshold=getattr(self.r.method, "instance_score_threshold", 0.0))
 
     def write_step(self, store, t: int, model, result, seconds: float) -> None:

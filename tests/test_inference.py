@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from benchmark.batch import EvalSample
-from benchmark.engine.evaluate import EvalResult, evaluate
+from benchmark.engine.evaluate import UNASSIGNED_ID, EvalResult, SemanticInference, evaluate
 from benchmark.engine.inference import instance_inference, semantic_inference
 from benchmark.engine.outputs import ModelOutputs
 from protocols import get_protocol
@@ -41,14 +41,15 @@ CLASS_PROBS = torch.tensor([[0.02, 0.03, 0.90, 0.05],      # query 0 -> column 2
 
 def test_semantic_inference_crops_padding_and_resizes_to_original():
     labels = semantic_inference(CLASS_PROBS, _two_region_logits(), input_size=(16, 12), out_size=(32, 24),
-                                padded_size=(24, 20))
+                                padded_size=(24, 20), mode="sum")
     assert labels.shape == (32, 24) and labels.dtype == torch.int64
     # Resizing 12 -> 24 columns: output columns 14 and 15 sample input columns 6.75 (+5) and 7.25 (-5).
     expected = torch.zeros(32, 24, dtype=torch.int64)
     expected[:, :15] = 2
     assert torch.equal(labels, expected)
     # Without the crop, query 2's padding region would reach the right part of the image.
-    uncropped = semantic_inference(CLASS_PROBS, _two_region_logits(), input_size=(24, 20), out_size=(32, 24))
+    uncropped = semantic_inference(CLASS_PROBS, _two_region_logits(), input_size=(24, 20), out_size=(32, 24),
+                                   mode="sum")
     assert (uncropped == 3).any()
 
 
@@ -57,7 +58,7 @@ def test_semantic_inference_resizes_the_class_score_maps_not_the_mask_logits():
     # are resized. Input 1 x 2 -> output 1 x 4 samples input columns 0, 0.25, 0.75, 1 (bilinear, clamped).
     probs = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
     logits = torch.tensor([[[20.0, -20.0]], [[-2.0, -2.0]]])        # query 1: a weak column-1 everywhere
-    labels = semantic_inference(probs, logits, input_size=(1, 2), out_size=(1, 4))
+    labels = semantic_inference(probs, logits, input_size=(1, 2), out_size=(1, 4), mode="sum")
     # column 0: 0.9 * (1, 0.75, 0.25, 0) + 0.1 * 0.119; column 1: 0.1 * (1, 0.75, 0.25, 0) + 0.9 * 0.119
     assert labels.tolist() == [[0, 0, 0, 1]]
     # Resizing the logits first would give sigmoid(-10) ~ 0 at the third pixel, i.e. column 1 there.
@@ -67,8 +68,34 @@ def test_semantic_inference_sums_over_queries():
     # Two weak queries of column 1 together beat one stronger query of column 0 (sum, not max).
     probs = torch.tensor([[0.6, 0.0], [0.0, 0.4], [0.0, 0.4]])
     logits = torch.full((3, 2, 2), 5.0)
-    labels = semantic_inference(probs, logits, input_size=(8, 8), out_size=(8, 8))
+    labels = semantic_inference(probs, logits, input_size=(8, 8), out_size=(8, 8), mode="sum")
     assert torch.equal(labels, torch.ones(8, 8, dtype=torch.int64))
+
+
+def test_segment_inference_leaves_pixels_without_a_confident_segment_unassigned():
+    # CoMFormer's MASK_BG False: query 0 (column 1, score 0.7) covers the left half; query 1 is no-object
+    # (0.2 + 0.2 < 0.6) and is dropped although its mask covers everything; query 2 (column 0, 0.5) covers
+    # the top row with a stronger mask than query 0 there; the bottom-right pixel has no mask >= 0.5.
+    probs = torch.tensor([[0.1, 0.7], [0.2, 0.2], [0.5, 0.1]])
+    logits = torch.full((3, 2, 2), -20.0)
+    logits[0, :, 0] = 1.0                       # sigmoid 0.73 -> 0.7 * 0.73 = 0.51
+    logits[1] = 20.0
+    logits[2, 0, :] = 20.0                      # 0.5 * 1.0 = 0.5 < 0.51 at (0, 0); alone at (0, 1)
+    labels = semantic_inference(probs, logits, input_size=(2, 2), out_size=(2, 2))
+    assert labels.tolist() == [[1, 0], [1, -1]]
+    # The arg-max over classes instead gives every pixel a class.
+    assert (semantic_inference(probs, logits, input_size=(2, 2), out_size=(2, 2), mode="sum") >= 0).all()
+    # A score threshold above 0.5 drops query 2 (CoMFormer's OBJECT_MASK_THRESHOLD).
+    labels = semantic_inference(probs, logits, input_size=(2, 2), out_size=(2, 2), object_threshold=0.6)
+    assert labels.tolist() == [[1, -1], [1, -1]]
+
+
+def test_segment_inference_resizes_the_one_hot_map_with_unassigned_first():
+    probs = torch.tensor([[0.9, 0.05]])
+    logits = torch.tensor([[[20.0, -20.0]]])    # column 0 on the left input pixel only
+    # one-hot [unassigned, col 0, col 1] resized 2 -> 4: col 0 weights 1, 0.75, 0.25, 0 -> ties impossible
+    labels = semantic_inference(probs, logits, input_size=(1, 2), out_size=(1, 4))
+    assert labels.tolist() == [[0, 0, -1, -1]]
 
 
 # --- instance_inference --------------------------------------------------------------------------
@@ -149,9 +176,9 @@ def test_evaluate_semantic_confusion_matrix():
     model = HalvesModel(num_columns=len(protocol.seen(0))).train()
     result = evaluate(model, samples, protocol, step=0, device="cpu", task="semantic", progress=False)
     assert isinstance(result, EvalResult) and result.num_images == 2 and model.training
-    assert result.class_ids == tuple(range(1, 21))
+    assert result.class_ids == tuple(range(1, 21)) + (UNASSIGNED_ID,)     # the last: pixels left without a class
     row = {cid: i for i, cid in enumerate(result.class_ids)}
-    expected = np.zeros((20, 20), dtype=np.int64)
+    expected = np.zeros((21, 21), dtype=np.int64)
     expected[row[a], row[a]] = 64                               # image 1, top-left quarter
     expected[row[c], row[b]] = 128                              # image 1, right half: unseen class c -> b
     expected[row[b], row[a]] = 12                               # image 2, rows 1-3, left half
@@ -174,6 +201,37 @@ def test_evaluate_pads_the_input_to_a_multiple_of_32_with_the_mean_colour():
     result = evaluate(model, [sample], protocol, step=0, device="cpu", task="semantic", progress=False)
     assert model.seen == [(64, 64)]              # ImageList.from_tensors(size_divisibility=32)
     assert result.matrix.sum() == 40 * 50        # the padding is cropped off again
+
+
+class LeftOnlyModel(HalvesModel):
+    """As HalvesModel, but the right half's query predicts no-object: the inference leaves it unassigned."""
+
+    def forward(self, pixel_values, pixel_mask=None):
+        out = super().forward(pixel_values, pixel_mask)
+        logits = out.layer_class_logits[-1][0].clone()
+        logits[:, 1, :] = -10.0
+        logits[:, 1, -1] = 10.0
+        return ModelOutputs(layer_class_logits=[(logits,)], layer_mask_logits=out.layer_mask_logits,
+                            layer_query_states=out.layer_query_states, backbone_features=(),
+                            mask_features=out.mask_features, group_queries=out.group_queries,
+                            group_columns=out.group_columns)
+
+
+def test_evaluate_counts_unassigned_pixels_as_false_negatives_only():
+    from benchmark.metrics import iou_per_class
+
+    protocol = get_protocol("synth-10-5")
+    a = protocol.class_order[0]
+    target = np.full((8, 8), a, dtype=np.int64)
+    sample = EvalSample(torch.zeros(3, 8, 8), "img", (8, 8), target)
+    result = evaluate(LeftOnlyModel(num_columns=10), [sample], protocol, step=0, device="cpu", task="semantic",
+                      progress=False)
+    row = result.class_ids.index(a)
+    assert result.matrix[row, row] == 32 and result.matrix[row, -1] == 32 and result.matrix.sum() == 64
+    assert iou_per_class(result.matrix)[row] == pytest.approx(0.5)      # 32 / (32 + 0 FP + 32 FN)
+    summed = evaluate(LeftOnlyModel(num_columns=10), [sample], protocol, step=0, device="cpu", task="semantic",
+                      semantic=SemanticInference(mode="sum"), progress=False)
+    assert summed.matrix[:, -1].sum() == 0                               # the arg-max always takes a class
 
 
 def test_evaluate_refuses_a_model_with_the_wrong_number_of_columns():

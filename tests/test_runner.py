@@ -77,7 +77,7 @@ def test_end_to_end_writes_the_store_and_the_report(finished):
         step = run / f"step_{t:02d}"
         assert (step / "DONE").is_file() and (step / "weights.pt").is_file()
         with np.load(step / "confusion.npz") as z:
-            assert z["matrix"].dtype == np.int64 and list(z["class_ids"]) == list(range(1, 21))
+            assert z["matrix"].dtype == np.int64 and list(z["class_ids"]) == list(range(1, 21)) + [255]   # + unassigned
     assert not list(run.glob("*.inprogress.pt"))
     rows = metrics(run)
     assert set(rows["step"]) == {0, 1, 2} and set(rows["metric"]) == {"iou"}

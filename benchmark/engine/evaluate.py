@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from benchmark.batch import EvalSample
 from benchmark.data.loader import SIZE_DIVISIBILITY
-from benchmark.engine.inference import instance_inference, semantic_inference
+from benchmark.engine.inference import SEMANTIC_MODES, instance_inference, semantic_inference
 from benchmark.errors import ConfigError
 from benchmark.metrics import (confusion_update, index_lookup, mask_ap, masks_to_coco_results, native_to_index,
                                new_confusion, reduce_confusion)
@@ -37,12 +37,41 @@ from benchmark.metrics import (confusion_update, index_lookup, mask_ap, masks_to
 TASKS = ("semantic", "instance")
 
 
+# The class id of the confusion matrix's last row/column: pixels left without a class by the inference. It
+# is the void id of VOC (255), never a class of any dataset, so no protocol reports it.
+UNASSIGNED_ID = 255
+
+
+@dataclass(frozen=True)
+class SemanticInference:
+    """How semantic predictions are formed (``--set eval.KEY=VALUE``); see :mod:`benchmark.engine.inference`.
+
+    mode: "segments" (default; CoMFormer's MASK_BG False, used by the Mask2Former-based continual semantic
+    results) or "sum" (Mask2Former's / CisDQ's arg-max over classes, every pixel takes a class).
+    object_threshold / overlap_threshold: the segments' OBJECT_MASK_THRESHOLD and OVERLAP_THRESHOLD, 0.0 in
+    CoMFormer's config (``mask2former/config.py`` L68-69) and scripts.
+    """
+
+    mode: str = "segments"
+    object_threshold: float = 0.0
+    overlap_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in SEMANTIC_MODES:
+            raise ConfigError(f"eval.mode={self.mode!r} is not a semantic inference",
+                              hint=f"use one of {', '.join(SEMANTIC_MODES)}")
+        for name in ("object_threshold", "overlap_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"eval.{name}={getattr(self, name)!r} must be in [0, 1]")
+
+
 @dataclass
 class EvalResult:
     """The raw evaluation output of one step.
 
     semantic: ``matrix`` [N, N] int64 (rows = ground truth, columns = prediction, both indexed like
-    ``class_ids``: the arrays of ``step_XX/confusion.npz``); instance: ``detections`` (COCO results format,
+    ``class_ids``: the arrays of ``step_XX/confusion.npz``; the last id is UNASSIGNED_ID, whose column holds
+    the pixels left without a class and whose row is empty); instance: ``detections`` (COCO results format,
     native category ids, RLE masks).
     """
 
@@ -62,22 +91,27 @@ class EvalResult:
 
 def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int, device: torch.device | str,
              task: str, *, top_k: int = 100, score_threshold: float = 0.0, mask_mode: str = "sigmoid",
-             progress: bool = True) -> EvalResult:
+             semantic: SemanticInference | None = None, progress: bool = True) -> EvalResult:
     """Run ``model`` (a SegModel, possibly DDP-wrapped) on every EvalSample of ``loader``.
 
     ``top_k`` / ``score_threshold``: instance inference (Mask2Former keeps the top 100 pairs, no threshold).
     ``mask_mode``: "softmax" for models trained with CoMFormer's softmax-over-queries criterion.
+    ``semantic``: the semantic inference (default :class:`SemanticInference`, CoMFormer's segments).
+    Semantic results: the confusion matrix's last row/column is UNASSIGNED_ID, the pixels the inference left
+    without a class (counted as false negatives of their ground-truth class, never as a class).
     The model is put in eval mode for the loop and restored to its previous mode afterwards.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown evaluation task {task!r}", hint=f"use one of {', '.join(TASKS)}")
     device = torch.device(device)
     net = model.module if isinstance(model, DistributedDataParallel) else model
+    semantic = semantic or SemanticInference()
     num_seen = len(protocol.seen(step))
-    class_ids = tuple(protocol.all_classes)
+    lookup = index_lookup(protocol.all_classes, device)           # ground truth: void stays -1 (ignored)
     seen_ids = torch.as_tensor(protocol.class_order[:num_seen], dtype=torch.int64)
-    lookup = index_lookup(class_ids, device)
-    column_to_row = lookup[seen_ids.to(device)]
+    # Prediction columns -> matrix rows; UNASSIGNED (-1) -> the last row.
+    column_to_row = torch.cat([lookup[seen_ids.to(device)], torch.tensor([len(protocol.all_classes)], device=device)])
+    class_ids = tuple(protocol.all_classes) + ((UNASSIGNED_ID,) if task == "semantic" else ())
     rank, world = _rank_and_world()
 
     matrix = new_confusion(len(class_ids), device) if task == "semantic" else None
@@ -103,7 +137,9 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
                 out_size = tuple(int(s) for s in sample.orig_size)
                 if task == "semantic":
                     columns = semantic_inference(class_probs, mask_logits, input_size, out_size,
-                                                 padded_size=padded_size, mask_mode=mask_mode)
+                                                 padded_size=padded_size, mask_mode=mask_mode, mode=semantic.mode,
+                                                 object_threshold=semantic.object_threshold,
+                                                 overlap_threshold=semantic.overlap_threshold)
                     target = native_to_index(torch.as_tensor(np.asarray(sample.target), device=device), lookup)
                     confusion_update(matrix, column_to_row[columns], target, len(class_ids))
                 else:

@@ -10,6 +10,25 @@ anything else (Mask2Former's ``sem_seg_postprocess_before_inference``, on with `
 inference forms the class score maps at the input size first and resizes those (its semantic configs keep
 ``SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE`` False, ``maskformer_model.py`` L246-250).
 
+Two semantic inferences (``SEMANTIC_MODES``):
+
+* ``"segments"`` (the default): CoMFormer's ``MODEL.MASK_FORMER.TEST.MASK_BG False`` procedure, which every
+  Mask2Former-based continual *semantic* result on ADE20K uses (CoMFormer, ECLIPSE, BalConpas scripts;
+  fcdl94/CoMFormer ``mask2former/maskformer_model.py`` L340-376): keep the queries whose most likely
+  class is not no-object and whose score exceeds ``object_threshold`` (0.0); each pixel goes to the
+  kept query with the largest ``score * mask``; it takes that query's class only where the query's own
+  mask is >= 0.5 (and the query's visible area is >= ``overlap_threshold`` of its mask, 0.0), otherwise it
+  is left **unassigned** (column -1: the original's background 0). The one-hot map (background first) is
+  resized bilinearly to the original size and arg-maxed, as the original's ``sem_seg_postprocess`` and
+  evaluator do. A model can so say "none of my classes": a step-0 model leaves the objects of future
+  classes unassigned instead of painting them with a base class, and a fine-tuned model leaves the objects
+  of classes it forgot unassigned instead of painting them with the new classes. With the arg-max over
+  classes below, every pixel must take a learned class, so the step-0 base mIoU of the embedded benchmark
+  was 53.7 (future-class pixels counted as false positives of the base classes) against 96.6 with those
+  pixels ignored, and fine-tune's new-class mIoU 33 with a recall of 99 % (issue 13's calibration).
+* ``"sum"``: Mask2Former's semantic inference (``maskformer_model.py`` ``semantic_inference``: per pixel
+  ``argmax_c sum_q p(c | q) * mask_q``), as CisDQ evaluates; every pixel takes a class.
+
 ``mask_mode="softmax"`` (CoMFormer's engine variant) replaces the per-query sigmoid by a softmax over the
 queries at each pixel; an instance mask is then the pixels where that probability exceeds 0.5 (the sigmoid
 rule ``logit > 0`` is the same threshold on the sigmoid).
@@ -22,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Size = tuple[int, int]
+SEMANTIC_MODES = ("segments", "sum")
+UNASSIGNED = -1          # column of a pixel that the "segments" inference leaves without a class
 
 
 def resize_mask_logits(mask_logits: Tensor, input_size: Size, out_size: Size,
@@ -48,7 +69,58 @@ def _mask_probs(logits: Tensor, mask_mode: str) -> Tensor:
 
 
 def semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
-                       padded_size: Size | None = None, mask_mode: str = "sigmoid") -> Tensor:
+                       padded_size: Size | None = None, mask_mode: str = "sigmoid", mode: str = "segments",
+                       object_threshold: float = 0.0, overlap_threshold: float = 0.0) -> Tensor:
+    """[H, W] int64 class columns (UNASSIGNED = -1 where ``mode="segments"`` assigns no class); see the module."""
+    if mode == "segments":
+        return segment_semantic_inference(class_probs, mask_logits, input_size, out_size, padded_size=padded_size,
+                                          mask_mode=mask_mode, object_threshold=object_threshold,
+                                          overlap_threshold=overlap_threshold)
+    if mode != "sum":
+        raise ValueError(f"unknown semantic inference {mode!r}: use one of {', '.join(SEMANTIC_MODES)}")
+    return sum_semantic_inference(class_probs, mask_logits, input_size, out_size, padded_size=padded_size,
+                                  mask_mode=mask_mode)
+
+
+def segment_semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
+                               padded_size: Size | None = None, mask_mode: str = "sigmoid",
+                               object_threshold: float = 0.0, overlap_threshold: float = 0.0,
+                               mask_threshold: float = 0.5) -> Tensor:
+    """[H, W] int64 class columns or UNASSIGNED: CoMFormer's ``MASK_BG False`` semantic inference (module doc).
+
+    ``class_probs`` has no no-object column; a query's no-object probability is ``1 - sum_k p(k | q)`` (each
+    query's softmax runs over its own group's classes and no-object). Ties between a class and no-object
+    go to the class, as ``torch.max`` over ``[classes | no-object]`` does in the original.
+    """
+    _check(class_probs, mask_logits)
+    probs = class_probs.float()
+    scores, labels = probs.max(dim=1)
+    no_object = 1.0 - probs.sum(dim=1)
+    keep = (scores >= no_object) & (scores > object_threshold)
+    masks = _mask_probs(resize_mask_logits(mask_logits, input_size, input_size, padded_size), mask_mode)[keep]
+    scores, labels = scores[keep], labels[keep]
+    height, width = masks.shape[-2:] if masks.numel() else tuple(input_size)
+    semseg = torch.zeros(height, width, dtype=torch.int64, device=mask_logits.device)   # 0 = unassigned
+    if len(labels):
+        owner = (scores[:, None, None] * masks).argmax(dim=0)
+        for k in range(len(labels)):
+            visible = owner == k
+            own_area = (masks[k] >= mask_threshold).sum()
+            region = visible & (masks[k] >= mask_threshold)
+            if visible.any() and own_area > 0 and region.any():
+                if visible.sum() / own_area < overlap_threshold:
+                    continue
+                semseg[region] = labels[k] + 1
+    num_columns = class_probs.shape[1]
+    if tuple(out_size) != (height, width):
+        onehot = F.one_hot(semseg, num_columns + 1).permute(2, 0, 1).float()
+        onehot = F.interpolate(onehot[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+        semseg = onehot.argmax(dim=0)
+    return semseg - 1
+
+
+def sum_semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
+                           padded_size: Size | None = None, mask_mode: str = "sigmoid") -> Tensor:
     """[H, W] int64 class columns: per pixel ``argmax_c sum_q p(c | q) * mask_q`` (Mask2Former semantic inference).
 
     The score maps are formed at the input size and then resized to ``out_size`` (not the mask logits), as
