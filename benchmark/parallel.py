@@ -65,17 +65,18 @@ def default_jobs(specs: Sequence) -> int:
 def dispatch_order(specs: Sequence) -> list:
     """The grid reordered so that parallel workers do not queue on a shared step-0 lock.
 
-    Runs whose step 0 is the standard one share it (runner._shared_step0, trained once under a file lock).
-    Dispatched in the CLI's order, a second worker would start, say, MiB and wait while fine-tune trains
-    that step 0. So: the first run of each shared step 0 goes first, then the runs with their own step 0
-    (CisDQ, joint), then the remaining sharers, each group in its original order.
+    Runs whose step 0 is shared (the standard step 0, and joint training across splits with the same
+    classes: runner.shares_step0) reuse it from a cache, trained once under a file lock. Dispatched in the
+    CLI's order, a second worker would start, say, MiB and wait while fine-tune trains that step 0. So: the
+    first run of each shared step 0 goes first, then the runs with their own step 0, then the remaining
+    sharers, each group in its original order.
     """
-    from benchmark.runner import _step0_key, resolve
+    from benchmark.runner import _step0_key, resolve, shares_step0
 
     producers, own, consumers, seen = [], [], [], set()
     for spec in specs:
         r = resolve(spec)
-        if not r.method.shares_standard_step0 or r.method.joint:
+        if not shares_step0(r):
             own.append(spec)
             continue
         key = (spec.out, _step0_key(r))

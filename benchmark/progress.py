@@ -1,7 +1,8 @@
 """Progress of a grid of runs, counted in training iterations and read from the results store.
 
 A grid's work is a list of :class:`Unit` s, one per training step that will really be trained: a shared
-step 0 (``runner._shared_step0``) is one unit for all the runs that reuse it, since it is trained once.
+step 0 (``runner._shared_step0``, joint training included) is one unit for all the runs that reuse it, since
+it is trained once.
 Their iterations come from the resolved schedules, so a 900-iteration step 0 weighs nine 100-iteration
 increments and the ETA (elapsed / iterations done x iterations left) is not skewed by step counts.
 
@@ -54,7 +55,7 @@ class Unit:
 
 def plan_units(specs: Sequence) -> list[Unit]:
     """The grid's training steps; a shared step 0 counts once (the runner trains it once per key)."""
-    from benchmark.runner import _step0_key, resolve
+    from benchmark.runner import _step0_key, resolve, shares_step0
 
     units: list[Unit] = []
     shared: dict[tuple[str, str], int] = {}
@@ -64,7 +65,7 @@ def plan_units(specs: Sequence) -> list[Unit]:
         for t in range(r.train_protocol.num_steps):
             iterations = r.schedule.for_step(t, joint=r.method.joint).iterations
             label = f"{spec.method} seed {spec.seed} step {t}"
-            if t == 0 and r.method.shares_standard_step0 and not r.method.joint:
+            if t == 0 and shares_step0(r):
                 key = (str(spec.out), _step0_key(r))
                 done = Path(spec.out) / "_step0" / key[1] / "step_00" / "DONE"
                 if key in shared:          # another run of the grid may train it: any of their logs tells
@@ -72,7 +73,8 @@ def plan_units(specs: Sequence) -> list[Unit]:
                     units[i] = Unit(0, iterations, done, units[i].logs + (run_dir / "log.txt",), units[i].label)
                     continue
                 shared[key] = len(units)
-                units.append(Unit(0, iterations, done, (run_dir / "log.txt",), f"shared step 0 (seed {spec.seed})"))
+                what = "joint" if r.method.joint else "shared step 0"
+                units.append(Unit(0, iterations, done, (run_dir / "log.txt",), f"{what} (seed {spec.seed})"))
             else:
                 units.append(Unit(t, iterations, run_dir / f"step_{t:02d}" / "DONE", (run_dir / "log.txt",), label))
     return units

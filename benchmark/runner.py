@@ -224,16 +224,28 @@ def _check_recorded_config(store, r: Resolved) -> None:
     shutil.rmtree(store.run_dir)
 
 
+def shares_step0(r: Resolved) -> bool:
+    """Whether step 0 of this run comes from the content-addressed cache ``<out>/_step0/<key>``.
+
+    The standard step 0 of the methods that share it, and joint training: its single step is the same
+    training for every protocol with the same classes, order and seed (``Protocol.as_joint`` gives
+    synth-10-5 and synth-10-2 one fingerprint), so a grid over several splits trains it once.
+    """
+    return r.method.joint or r.method.shares_standard_step0
+
+
 def _step0_key(r: Resolved) -> str:
-    """Content key of a shared step 0: protocol, seed, configuration and the model's initial query layout.
+    """Content key of a shared step 0: trained protocol, seed, configuration and the model's initial query layout.
 
     The layout is part of the key because a method that shares the standard step 0 may size its model
     itself (CisDQ: one query per base class): it shares the cached model only when that is the same model.
+    Only the schedule row of step 0 (the joint row for joint training) is part of the key.
     """
     layout = [list(group) for group in r.method.initial_layout(r.train_protocol, r.preset)]
-    blob = json.dumps({"protocol": r.protocol.fingerprint, "seed": r.spec.seed, "config": {
-        k: v for k, v in r.config.items() if k not in ("method_hparams",)} | {"schedule": vars(r.schedule.step0)},
-        "dataset": r.protocol.dataset, "layout": layout}, sort_keys=True)
+    schedule = vars(r.schedule.for_step(0, joint=r.method.joint))
+    blob = json.dumps({"protocol": r.train_protocol.fingerprint, "joint": bool(r.method.joint), "seed": r.spec.seed,
+                       "config": {k: v for k, v in r.config.items() if k not in ("method_hparams",)}
+                       | {"schedule": schedule}, "dataset": r.protocol.dataset, "layout": layout}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -426,7 +438,7 @@ def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
             if is_main:
                 store.write_run_json(header | {"timings": timings})
             start = time.time()
-            if t == 0 and r.method.shares_standard_step0 and not r.method.joint:
+            if t == 0 and shares_step0(r):
                 model, result = _shared_step0(runner)
             else:
                 model, stats = runner.train_step(t, prev_weights, run_dir)

@@ -67,8 +67,8 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper")
 # 0.8-1.25, no jitter) -> 65.7 (neither). Joint learns twice step 0's classes: 1200 iterations (joint
 # on synth-10-5: 61.4 mIoU at 900, 77.3 at 1200). Each iteration takes ~0.19 s on one core, and the
 # default run places one run per core (benchmark.parallel.default_jobs): about 6 minutes in all.
-_CPU = StepSchedule(iterations=900, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)
-CPU_SCHEDULE = dict(step0=_CPU, increment=replace(_CPU, iterations=100), joint=replace(_CPU, iterations=1200),
+_CPU = StepSchedule(iterations=1200, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)
+CPU_SCHEDULE = dict(step0=_CPU, increment=replace(_CPU, iterations=300), joint=replace(_CPU, iterations=2000),
                     source="embedded CPU default, calibrated on 2 CPU cores (issue 9)", checkpoint_every=50,
                     backbone_multiplier=1.0,
                     augmentation=(("color_jitter", False), ("scale_range", (1.0, 1.0))))

@@ -246,3 +246,17 @@ def test_schedule_sets_the_augmentation_defaults_and_set_wins(tmp_path):
     real = resolve(RunSpec(method="finetune", protocol="ade-100-50", schedule="paper", engine="r50",
                            data_root=str(tmp_path), out=str(tmp_path)))
     assert real.aug == AugConfig(crop_size=real.aug.crop_size)     # Mask2Former's recipe
+
+
+def test_joint_training_is_shared_by_splits_with_the_same_classes(tmp_path):
+    from benchmark.parallel import dispatch_order
+
+    a = run_one(spec("joint", tmp_path), show_progress=False)                               # synth-10-5
+    b_spec = spec("joint", tmp_path)
+    b_spec = RunSpec(**{**b_spec.__dict__, "protocol": "synth-10-2"})
+    b = run_one(b_spec, show_progress=False)
+    assert "reused from" in (b / "log.txt").read_text()
+    ra, rb = metrics(a), metrics(b)
+    assert set(ra["protocol"]) == {"synth-10-5"} and set(rb["protocol"]) == {"synth-10-2"}
+    np.testing.assert_array_equal(ra["value"].to_numpy(), rb["value"].to_numpy())   # the same model and eval
+    assert [s.protocol for s in dispatch_order([spec("joint", tmp_path), b_spec])] == ["synth-10-5", "synth-10-2"]
