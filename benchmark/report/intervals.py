@@ -94,7 +94,7 @@ def compute_intervals(results_dir: str | Path, prepared: pd.DataFrame, summary: 
         means = summary[summary["protocol"] == protocol]
         c, s = _aggregate(protocol, series.get(protocol, []), means, lambda r: r.seed, "seeds", config)
         ci.append(c.assign(protocol=protocol))
-        sig.append(s.assign(protocol=protocol))
+        sig.append(s)
     summary = summary.merge(pd.concat(ci, ignore_index=True), on=["protocol", "method", *KEY], how="left")
     significance = _sorted(pd.concat(sig, ignore_index=True)[SIGNIFICANCE_COLUMNS])
 
@@ -107,7 +107,7 @@ def compute_intervals(results_dir: str | Path, prepared: pd.DataFrame, summary: 
             means = orders[orders["split"] == split]
             c, s = _aggregate(split, members, means, lambda r: (order_name(r.protocol), r.seed), "runs", config)
             ci.append(c.assign(split=split))
-            sig.append(s.assign(split=split))
+            sig.append(s)                       # its "protocol" column holds the split's name
         out.orders = orders.merge(pd.concat(ci, ignore_index=True), on=["split", "method", *KEY], how="left")
         sig = pd.concat(sig, ignore_index=True).rename(columns={"protocol": "split"})
         out.orders_significance = sig[["split"] + SIGNIFICANCE_COLUMNS[1:]]
