@@ -44,6 +44,7 @@ class Cell:
     n_seeds: int
     ci_low: float = NAN
     ci_high: float = NAN
+    n_runs: int = 0             # over-orders cells: the runs (orders x seeds) behind the mean
 
     @property
     def missing(self) -> bool:
@@ -177,7 +178,7 @@ def _cell(row: pd.DataFrame, count: str) -> Cell:
         return Cell(NAN, NAN, 0)
     r = row.iloc[0]
     return Cell(float(r["mean"]), float(r["std"]), int(r[count]), float(r.get("ci_low", NAN)),
-                float(r.get("ci_high", NAN)))
+                float(r.get("ci_high", NAN)), int(r.get("n_runs", r[count])))
 
 
 def _cells(rows: pd.DataFrame, columns, count: str) -> dict[str, Cell]:
@@ -343,12 +344,19 @@ def _tabulate(table: FinalTable, options: ReportOptions, fmt: str, bold: str, ru
 
 
 def _runs_label(table: FinalTable, method: str) -> str:
-    counts = sorted({c.n_seeds for c in table.cells[method].values() if not c.missing})
-    if not counts:
+    """'3 seeds', '1-3 seeds', '2 orders, 4 runs': the runs behind the row's numbers."""
+    cells = [c for g, c in table.cells[method].items() if not c.missing and g != "default"]
+    if not cells:
         return ""
-    n = str(counts[-1]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    word = "order" if table.kind == "orders" else "seed"
-    return f"{n} {word}{'s' if counts[-1] != 1 else ''}"
+
+    def span(values) -> str:
+        values = sorted(set(values))
+        return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+    plural = "s" if max(c.n_seeds for c in cells) != 1 else ""
+    if table.kind == "orders":
+        return f"{span(c.n_seeds for c in cells)} order{plural}, {span(c.n_runs for c in cells)} runs"
+    return f"{span(c.n_seeds for c in cells)} seed{plural}"
 
 
 def _caption(table: FinalTable, options: ReportOptions) -> str:
