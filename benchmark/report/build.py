@@ -104,7 +104,8 @@ def final_table(results_dir: str | Path, protocols: Sequence[str] | None = None,
     if raw.empty:
         return f"no completed step under {results_dir}" + (f" for {', '.join(protocols)}" if protocols else "")
     layouts = protocol_layouts(raw, options)
-    iv = analyse(results_dir, prepare(raw, options), run_scores(prepare(raw, options)), options)
+    prepared = prepare(raw, options)
+    iv = analyse(results_dir, prepared, run_scores(prepared), options)
     return text_tables(final_tables(iv.summary, layouts, iv.significance), options, order_tables(iv, layouts))
 
 

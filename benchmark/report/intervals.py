@@ -128,27 +128,21 @@ def _stored_step(method: str, step: int) -> int:
 
 
 def _image_weights(results_dir: Path, rows: pd.DataFrame, split: str, config: BootstrapConfig):
-    """``(W [B, N], N)`` over the split's sorted validation image ids, or ``(None, 0)`` without per-image data."""
-    reference = None
+    """``((sorted image ids, W [B, N]), N)`` over the split's validation images, ``(None, 0)`` without per-image data.
+
+    The image set is taken from the first stored per_image.npz; every other one is checked against it when it
+    is read (:func:`_class_scores`).
+    """
     for run_dir, run_rows in rows.groupby("run_dir", sort=True):
         store = RunStore(results_dir / run_dir)
         method = run_rows["method"].iloc[0]
         for step in sorted(run_rows["step"].unique()):
             stats = store.read_per_image(_stored_step(method, step))
-            if stats is None:
-                continue
-            if reference is None:
-                reference = (np.sort(stats.image_ids), f"{run_dir} step {step}")
-            elif stats.aligned_to(reference[0]) is None:
-                raise DataError(f"{run_dir} step {step} was evaluated on other validation images than "
-                                f"{reference[1]} ({stats.num_images} vs {len(reference[0])} images)",
-                                hint="runs of one split must be evaluated on the same validation set; move the "
-                                     "other run folders out of the results folder")
-    if reference is None:
-        return None, 0
-    n = len(reference[0])
-    weights = resample_weights(n, config.resamples, config.rng(f"images:{split}"))
-    return (reference[0], weights), n
+            if stats is not None:
+                ids = np.sort(stats.image_ids)
+                weights = resample_weights(len(ids), config.resamples, config.rng(f"images:{split}"))
+                return (ids, weights, f"{run_dir} step {step}"), len(ids)
+    return None, 0
 
 
 def _run_series(run_dir: Path, rows: pd.DataFrame, class_ids: np.ndarray, class_steps: np.ndarray, images,
@@ -190,8 +184,14 @@ def _class_scores(store: RunStore, method: str, step: int, metric: str, rows: pd
     if images is not None and metric in PER_IMAGE_METRICS:
         stats = store.read_per_image(_stored_step(method, step))
         if stats is not None and metric in stats.metrics():
-            reference, weights = images
-            stats = stats.aligned_to(reference)
+            reference, weights, origin = images
+            aligned = stats.aligned_to(reference)
+            if aligned is None:
+                raise DataError(f"{store.run_dir} step {_stored_step(method, step)} was evaluated on other validation "
+                                f"images than {origin} ({stats.num_images} vs {len(reference)} images)",
+                                hint="runs of one split must be evaluated on the same validation set; move the "
+                                     "other run folders out of the results folder")
+            stats = aligned
             column = {int(c): i for i, c in enumerate(stats.class_ids)}
             if all(int(c) in column for c in class_ids):
                 idx = [column[int(c)] for c in class_ids]
