@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmark.errors import EnvironmentProblem, UserError
+from benchmark.errors import ConfigError, EnvironmentProblem, UserError
 
 DEFAULT_PROTOCOL = "synth-10-5"
 DEFAULT_SEEDS = (0,)
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", "--protocols", nargs="+", dest="protocols", metavar="P",
                    help=f"protocol name(s), e.g. ade-100-5, voc-15-1@b, synth-10-2 (default: {DEFAULT_PROTOCOL})")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds (default: 0)")
+    p.add_argument("--orders", type=_orders, default=0, metavar="N",
+                   help="also run N seeded random class orders of every protocol (@rand1..@randN) beside its own "
+                        "order; the report aggregates a split over its orders (default 0)")
     p.add_argument("--data-root", default=None,
                    help="folder holding the datasets (default: $DETECTRON2_DATASETS or datasets/)")
     p.add_argument("--dataset", choices=("real", "synth"), default="real",
@@ -104,10 +107,11 @@ def specs_from_args(args: argparse.Namespace):
     protocols = args.protocols or [DEFAULT_PROTOCOL]
     names = []
     for name in protocols:
-        proto = get_protocol(name)
-        if args.dataset == "synth" and not proto.dataset.startswith("synth"):
-            proto = proto.on_synthetic()
-        names.append(proto.name)
+        for proto in with_random_orders(get_protocol(name), getattr(args, "orders", 0)):
+            if args.dataset == "synth" and not proto.dataset.startswith("synth"):
+                proto = proto.on_synthetic()
+            if proto.name not in names:
+                names.append(proto.name)
     device = resolve_device_name(args.device)
     synthetic = all(n.startswith("synth") or n.endswith("~synth") for n in names)
     schedule = args.schedule or ("paper" if device == "cuda" and not synthetic else "cpu")
@@ -123,6 +127,31 @@ def specs_from_args(args: argparse.Namespace):
         for p in names for m in methods for s in (args.seeds or DEFAULT_SEEDS)
     ]
     return specs
+
+
+def with_random_orders(protocol, n: int) -> list:
+    """``protocol`` itself, then ``n`` seeded random orders of its split (``<split>@rand1`` .. ``@rand<n>``)."""
+    from benchmark.report.orders import split_name
+    from protocols import get_protocol
+
+    if n == 0:
+        return [protocol]
+    if protocol.num_steps < 2:
+        raise ConfigError(f"--orders {n}: {protocol.name} has a single step, so its class order changes nothing",
+                          hint="use --orders with an incremental protocol such as synth-10-5 or ade-100-10")
+    split = split_name(protocol.name)
+    head, tilde, derivation = split.partition("~")
+    return [protocol] + [get_protocol(f"{head}@rand{i}{tilde}{derivation}") for i in range(1, n + 1)]
+
+
+def _orders(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of random class orders, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 # Third-party packages the command needs (pyproject.toml): a missing one is an installation problem.

@@ -395,13 +395,13 @@ class StepRunner:
         save_weights(model, tmp)
         if r.protocol.task == "semantic":
             rows = semantic_rows(matrix=result.matrix, class_ids=result.class_ids, **ident)
-            store.write_step(t, confusion=(result.matrix, result.class_ids), weights_path=tmp, metrics_rows=rows,
-                             extra={"seconds": seconds})
+            store.write_step(t, confusion=(result.matrix, result.class_ids), per_image=result.per_image,
+                             weights_path=tmp, metrics_rows=rows, extra={"seconds": seconds})
         else:
             ap = result.per_class_ap(self.val_ds.coco_json_path)
             rows = instance_rows(per_class=ap, **ident)
-            store.write_step(t, detections=result.detections, weights_path=tmp, metrics_rows=rows,
-                             extra={"seconds": seconds})
+            store.write_step(t, detections=result.detections, per_image=result.per_image, weights_path=tmp,
+                             metrics_rows=rows, extra={"seconds": seconds})
 
 
 def run_one(spec: RunSpec, show_progress: bool = True) -> Path:

@@ -7,6 +7,11 @@ Layout of a run folder::
     metrics.csv              long table of every done step (columns COLUMNS, IoU / AP in percent)
     step_XX/confusion.npz    semantic: ``matrix`` int64 [N, N] (rows = ground truth, columns = prediction)
                              and ``class_ids`` int64 [N] (the native id of each row / column)
+    step_XX/per_image.npz    per-image sufficient statistics (benchmark.metrics.per_image): ``image_ids`` [I],
+                             ``class_ids`` [N] and int64 [I, N] arrays named by the task (semantic: ``tp``,
+                             ``fp``, ``fn`` pixel counts; their sums over images are confusion.npz's diagonal,
+                             column sums minus diagonal, row sums minus diagonal). Absent in run folders of
+                             older versions and for instance steps: the reporter then gives seed-only intervals
     step_XX/detections.json  instance: COCO results (native category ids, RLE masks, scores)
     step_XX/weights.pt       the step's final weights (when given)
     step_XX/metrics.csv      the step's own rows (metrics.csv at the top is their concatenation)
@@ -38,14 +43,16 @@ import pandas as pd
 
 from benchmark.errors import DataError
 from benchmark.metrics.ap import mask_ap
+from benchmark.metrics.per_image import PerImageStats, check_against_confusion
 from benchmark.metrics.rows import COLUMNS, instance_rows, semantic_rows
 
-__all__ = ["COLUMNS", "RunStore", "StepResult", "atomic_write", "instance_rows", "load_results", "read_metrics_csv",
+__all__ = ["COLUMNS", "PerImageStats", "RunStore", "StepResult", "atomic_write", "instance_rows", "load_results", "read_metrics_csv",
            "semantic_rows"]
 
 RUN_KEYS = ("method", "protocol", "seed")
 CONFUSION, DETECTIONS, WEIGHTS, STEP_METRICS, DONE = "confusion.npz", "detections.json", "weights.pt", "metrics.csv", "DONE"
-_STORE_FILES = (CONFUSION, DETECTIONS, WEIGHTS, STEP_METRICS)
+PER_IMAGE = "per_image.npz"
+_STORE_FILES = (CONFUSION, PER_IMAGE, DETECTIONS, WEIGHTS, STEP_METRICS)
 _DTYPES = {"method": str, "protocol": str, "seed": "int64", "step": "int64", "class_id": "int64", "class_name": str,
            "class_step": "int64", "metric": str, "value": "float64", "support": "int64"}
 
@@ -54,13 +61,15 @@ _DTYPES = {"method": str, "protocol": str, "seed": "int64", "step": "int64", "cl
 class StepResult:
     """The raw evaluation output of a stored step (what the engine's evaluation returned).
 
-    ``matrix`` (alias ``confusion``) and ``class_ids`` for a semantic step, ``detections`` for an instance one.
+    ``matrix`` (alias ``confusion``) and ``class_ids`` for a semantic step, ``detections`` for an instance one;
+    ``per_image`` when the step stored per-image statistics.
     """
 
     step: int
     matrix: np.ndarray | None = None
     class_ids: np.ndarray | None = None
     detections: list[dict] | None = None
+    per_image: PerImageStats | None = None
 
     @property
     def confusion(self) -> np.ndarray | None:
@@ -122,11 +131,14 @@ class RunStore:
     # ------------------------------------------------------------------------------------------ steps
     def write_step(self, step: int, *, metrics_rows: Iterable[Mapping[str, Any]],
                    confusion: tuple[Any, Sequence[int]] | None = None, detections: list[dict] | None = None,
+                   per_image: PerImageStats | None = None,
                    weights_path: str | Path | None = None, state_dict: Mapping | None = None,
                    extra: Mapping[str, Any] | None = None) -> Path:
         """Store one evaluated step; DONE is written last. Returns the step folder.
 
         Exactly one of ``confusion=(matrix, class_ids)`` (semantic) or ``detections`` (instance).
+        ``per_image`` (optional) is written as per_image.npz; with a confusion matrix, its tp / fp / fn sums
+        must equal the matrix (checked, ValueError otherwise).
         Weights, optional: ``weights_path`` is *moved* into the folder (write it next to the run
         folder so this is a rename), or ``state_dict`` is saved with ``torch.save``. ``extra`` (e.g.
         timings) goes into the DONE marker.
@@ -148,6 +160,11 @@ class RunStore:
             text = json.dumps(list(detections), separators=(",", ":"), default=_json_default)
             atomic_write(folder / DETECTIONS, lambda f: f.write(text.encode("utf-8")))
             written.append(DETECTIONS)
+        if per_image is not None:
+            if confusion is not None and "tp" in per_image.arrays:
+                check_against_confusion(per_image, matrix)
+            atomic_write(folder / PER_IMAGE, lambda f: np.savez_compressed(f, **per_image.to_npz_dict()))
+            written.append(PER_IMAGE)
         if weights_path is not None:
             _move_into(Path(weights_path), folder / WEIGHTS)
             written.append(WEIGHTS)
@@ -183,6 +200,18 @@ class RunStore:
         with np.load(path) as data:
             return data["matrix"], data["class_ids"]
 
+    def read_per_image(self, step: int) -> PerImageStats | None:
+        """The per-image statistics of a done step, None when the step has none (older runs, instance)."""
+        path = self.step_dir(step) / PER_IMAGE
+        if not self.is_done(step) or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return PerImageStats.from_npz(data)
+        except (OSError, ValueError, KeyError) as err:
+            raise DataError(f"cannot read {path}: {err}",
+                            hint="the file is corrupt: delete the step's DONE marker and re-run the step") from err
+
     def read_detections(self, step: int) -> list[dict]:
         return _read_json(self._done_file(step, DETECTIONS))
 
@@ -190,8 +219,8 @@ class RunStore:
         """The stored raw evaluation output of a done step."""
         if (self.step_dir(step) / CONFUSION).is_file():
             matrix, class_ids = self.read_confusion(step)
-            return StepResult(step=int(step), matrix=matrix, class_ids=class_ids)
-        return StepResult(step=int(step), detections=self.read_detections(step))
+            return StepResult(step=int(step), matrix=matrix, class_ids=class_ids, per_image=self.read_per_image(step))
+        return StepResult(step=int(step), detections=self.read_detections(step), per_image=self.read_per_image(step))
 
     # ------------------------------------------------------------------------------------------ metrics
     def rebuild_metrics(self) -> Path:

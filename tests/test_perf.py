@@ -8,6 +8,7 @@ import logging
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +35,8 @@ TINY_RUN = (
 def tiny_settings() -> PerfSettings:
     return PerfSettings(overrides=TINY_RUN, repeats=5, warmup=0, step_iterations=3, plop_batches=1,
                         confusion_maps=2, confusion_size=64, confusion_classes=12, loader_batches=1,
-                        threads=1, memory=False, memory_iterations=1)
+                        threads=1, memory=False, memory_iterations=1, bootstrap_images=100, bootstrap_classes=10,
+                        bootstrap_resamples=50)
 
 
 def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tmp_path, monkeypatch):
@@ -75,6 +77,19 @@ def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tm
     assert "1 torch thread(s)" in table and "batch 2, crop 32, 64 loss points" in table
     assert "rounds (min - max)" in table and "Machine load" in table
     assert len(result.devices[0].round_ratios["plop"]) == tiny_settings.repeats
+    assert "| bootstrap: 100 images x 10 classes x 50 resamples" in table and len(result.bootstrap.rounds) == 5
+
+
+def test_bootstrap_case_alone(capsys):
+    from benchmark.perf.bootstrap import compare_pair, per_image_counts
+    from benchmark.report.bootstrap import BootstrapConfig
+
+    stats = per_image_counts(30, 8)
+    intervals = compare_pair(stats, stats, np.zeros(8, int), 0, BootstrapConfig(resamples=50))
+    assert intervals["seen"][2] == (0.0, 0.0)          # a method against itself: a zero difference
+    assert main(["--bootstrap-only", "--repeats", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "bootstrap: 2000 images x 150 classes x 1000 resamples, 2 methods paired (s)" in out and "<= 10" in out
 
 
 def test_stock_step_computes_what_the_engine_step_computes(tiny_settings, tmp_path):

@@ -81,7 +81,7 @@ def summary_value(summary, method, step, group, metric):
 LATEX_SNAPSHOT = r"""
 \begin{table}[t]
   \centering
-  \caption{toy-2-1: mIoU (\%) after the final step (step 2), mean $\pm$ std over 2 seeds (joint: 1); best continual method in bold.}
+  \caption{toy-2-1: mIoU (\%) after the final step (step 2), mean $\pm$ std over 2 seeds (joint: 1); bold: best continual method, significantly better than the runner-up (95\% paired bootstrap); $^\dagger$: statistically tied with the best.}
   \label{tab:toy-2-1}
   \begin{tabular}{lccc}
     \toprule
@@ -112,7 +112,13 @@ def test_latex_snapshot_and_markdown(hand_results):
 
 def test_summary_hand_checked_groups_and_continual_aggregates(hand_results):
     summary = pd.read_csv(write_report(hand_results, options=FAST) / "summary.csv")
-    assert list(summary.columns) == ["protocol", "method", "step", "group", "metric", "mean", "std", "n_seeds"]
+    assert list(summary.columns) == ["protocol", "method", "step", "group", "metric", "mean", "std", "n_seeds",
+                                     "ci_low", "ci_high", "ci_source"]
+    # no per_image.npz in these hand-made runs: intervals over the two seeds only, none for joint's single run
+    continual = summary[summary["method"] != "joint"]
+    assert (continual["ci_source"] == "seeds").all()
+    assert ((continual["ci_low"] <= continual["mean"] + 1e-9) & (continual["mean"] <= continual["ci_high"] + 1e-9)).all()
+    assert summary.loc[summary["method"] == "joint", ["ci_low", "ci_high", "ci_source"]].isna().all().all()
     # finetune seed 0 at step 2: base (10+20)/2, novel (30+90)/2, old (10+20+30)/3, new 90; seed 1 alike
     assert summary_value(summary, "finetune", 2, "base", "miou")["mean"] == pytest.approx(16.0)
     assert summary_value(summary, "finetune", 2, "old", "miou")["mean"] == pytest.approx((20 + 62 / 3) / 2)
@@ -242,7 +248,12 @@ def test_instance_protocol_reports_ap(tmp_path):
     assert summary_value(summary, "cisdq", 2, "base", "ap75")["mean"] == pytest.approx(55.0)
     assert summary_value(summary, "cisdq", 2, "old", "forgetting")["mean"] == pytest.approx((30 + 5 + 5) / 3)
     md = (out / "tables.md").read_text()
-    assert "toy-inst-2-1: AP (%) after the final step (step 2); best continual method in bold." in md
+    assert ("toy-inst-2-1: AP (%) after the final step (step 2); best continual method in bold (not tested for "
+            "significance: no interval)." in md)
+    # AP intervals come from seeds only: one seed each, so none, and no significance verdict
+    assert summary[["ci_low", "ci_high"]].isna().all().all()
+    significance = pd.read_csv(out / "significance.csv")
+    assert len(significance) and significance["significant"].isna().all()
     assert "| **55.0** |" in md
 
 

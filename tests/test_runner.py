@@ -78,6 +78,19 @@ def test_end_to_end_writes_the_store_and_the_report(finished):
         assert (step / "DONE").is_file() and (step / "weights.pt").is_file()
         with np.load(step / "confusion.npz") as z:
             assert z["matrix"].dtype == np.int64 and list(z["class_ids"]) == list(range(1, 21)) + [255]   # + unassigned
+            matrix = z["matrix"]
+        # per-image statistics: one row per validation image, sums = the confusion matrix = metrics.csv
+        with np.load(step / "per_image.npz") as p:
+            assert len(p["image_ids"]) == 6 and list(p["class_ids"]) == list(range(1, 21)) + [255]
+            tp, fp, fn = p["tp"], p["fp"], p["fn"]
+        assert tp.dtype == np.int64 and tp.shape == (6, 21)
+        diag = np.diag(matrix)
+        assert np.array_equal(tp.sum(0), diag) and np.array_equal(fp.sum(0), matrix.sum(0) - diag)
+        assert np.array_equal(fn.sum(0), matrix.sum(1) - diag)
+        iou = pd.read_csv(step / "metrics.csv").set_index("class_id")["value"]
+        has_gt = (tp + fn).sum(0) > 0
+        expected = 100 * tp.sum(0)[has_gt] / (tp + fp + fn).sum(0)[has_gt]
+        np.testing.assert_allclose(iou.loc[np.array(list(range(1, 21)) + [255])[has_gt]].to_numpy(), expected)
     assert not list(run.glob("*.inprogress.pt"))
     rows = metrics(run)
     assert set(rows["step"]) == {0, 1, 2} and set(rows["metric"]) == {"iou"}
@@ -85,6 +98,10 @@ def test_end_to_end_writes_the_store_and_the_report(finished):
     joint = out / PROTOCOL / "joint" / "seed0"
     assert (joint / "step_00" / "DONE").is_file() and not (joint / "step_01").exists()
     assert (out / "report" / "summary.csv").is_file() and (out / "report" / "tables.tex").is_file()
+    summary = pd.read_csv(out / "report" / "summary.csv")
+    assert (summary.loc[summary["metric"] == "miou", "ci_source"] == "images").all()
+    assert (out / "report" / "significance.csv").is_file()
+    assert (joint / "step_00" / "per_image.npz").is_file()
     assert "Fine-tuning" in res.stdout and "Joint" in res.stdout      # the final summary table
     assert (run / "log.txt").read_text().count("step 1: iteration 3/3") == 1
     # Not a terminal: the grid's progress comes as plain log lines, counted in iterations (4 + 3 + 3 + 4).
@@ -115,6 +132,8 @@ def test_shared_step0_is_reused_across_methods(tmp_path):
     assert len(caches) == 1
     with np.load(a / "step_00" / "confusion.npz") as z, np.load(caches[0] / "step_00" / "confusion.npz") as c:
         assert np.array_equal(z["matrix"], c["matrix"])
+    with np.load(a / "step_00" / "per_image.npz") as z, np.load(caches[0] / "step_00" / "per_image.npz") as c:
+        assert np.array_equal(z["tp"], c["tp"])                  # the reused step 0 brings its per-image counts
     # CisDQ's group 0 (one query per base class) is the tiny preset's 10-query model: the same step 0
     b = run_one(spec("cisdq", tmp_path, extra=["--set", "increment.iterations=1"]), show_progress=False)
     assert "step 0 reused" in (b / "log.txt").read_text() and len(list((tmp_path / "_step0").iterdir())) == 1

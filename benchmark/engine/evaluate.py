@@ -10,7 +10,8 @@ pycocotools evaluation of :mod:`benchmark.metrics`.
 
 Under ``torch.distributed`` every rank evaluates every ``world_size``-th image (this function shards the
 loader itself, so duplicates that a padding sampler would add cannot be counted); the confusion matrices are
-summed over ranks and the detections gathered on rank 0 (other ranks return an empty list).
+summed over ranks, and the detections and per-image counts gathered on rank 0 (other ranks return an empty
+list and no per-image statistics).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from benchmark.batch import EvalSample
 from benchmark.data.loader import SIZE_DIVISIBILITY
 from benchmark.engine.inference import SEMANTIC_MODES, instance_inference, semantic_inference
 from benchmark.errors import ConfigError
-from benchmark.metrics import (confusion_update, index_lookup, mask_ap, masks_to_coco_results, native_to_index,
+from benchmark.metrics import (confusion_matrix, index_lookup, mask_ap, masks_to_coco_results, native_to_index,
                                new_confusion, reduce_confusion)
+from benchmark.metrics.per_image import PerImageStats, SemanticPerImage
 
 TASKS = ("semantic", "instance")
 
@@ -71,8 +73,9 @@ class EvalResult:
 
     semantic: ``matrix`` [N, N] int64 (rows = ground truth, columns = prediction, both indexed like
     ``class_ids``: the arrays of ``step_XX/confusion.npz``; the last id is UNASSIGNED_ID, whose column holds
-    the pixels left without a class and whose row is empty); instance: ``detections`` (COCO results format,
-    native category ids, RLE masks).
+    the pixels left without a class and whose row is empty) and ``per_image`` (``step_XX/per_image.npz``, with
+    the same class ids); instance: ``detections`` (COCO results format, native category ids, RLE masks), no
+    per-image statistics.
     """
 
     task: str
@@ -81,6 +84,7 @@ class EvalResult:
     num_images: int
     matrix: np.ndarray | None = None
     detections: list[dict] = field(default_factory=list)
+    per_image: PerImageStats | None = None
 
     def per_class_ap(self, gt_json_path) -> dict[int, dict[str, float]]:
         """Mask AP per class of the protocol (``benchmark.metrics.mask_ap``) against the validation json."""
@@ -115,6 +119,7 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
     rank, world = _rank_and_world()
 
     matrix = new_confusion(len(class_ids), device) if task == "semantic" else None
+    per_image = SemanticPerImage(class_ids) if task == "semantic" else None
     detections: list[dict] = []
     count = 0
     was_training = net.training
@@ -141,7 +146,9 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
                                                  object_threshold=semantic.object_threshold,
                                                  overlap_threshold=semantic.overlap_threshold)
                     target = native_to_index(torch.as_tensor(np.asarray(sample.target), device=device), lookup)
-                    confusion_update(matrix, column_to_row[columns], target, len(class_ids))
+                    image_matrix = confusion_matrix(column_to_row[columns], target, len(class_ids))
+                    matrix += image_matrix
+                    per_image.add(sample.image_id, image_matrix, position=rank + count * world)
                 else:
                     scores, columns, masks = instance_inference(class_probs, mask_logits, input_size, out_size,
                                                                 top_k, score_threshold, padded_size=padded_size,
@@ -152,17 +159,22 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
     finally:
         net.train(was_training)
 
+    stats = per_image.result() if per_image is not None and world == 1 else None
     if world > 1:
         count_tensor = torch.tensor([count], dtype=torch.int64, device=device)
         dist.all_reduce(count_tensor)
         count = int(count_tensor.item())
         if matrix is not None:
             reduce_confusion(matrix)
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(per_image.parts(), parts, dst=0)
+            stats = per_image.result(parts) if rank == 0 else None
         else:
             gathered = [None] * world if rank == 0 else None
             dist.gather_object(detections, gathered, dst=0)
             detections = [d for part in gathered for d in part] if rank == 0 else []
-    return EvalResult(task, step, class_ids, count, matrix.cpu().numpy() if matrix is not None else None, detections)
+    return EvalResult(task, step, class_ids, count, matrix.cpu().numpy() if matrix is not None else None, detections,
+                      per_image=stats)
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"{MIN_REPEATS} rounds and small workloads (a few minutes on two CPU cores)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--bootstrap-only", action="store_true",
+                   help="time only the report's bootstrap case (2000 images x 150 classes x 1000 resamples; "
+                        "--repeats rounds) and print its row")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the CPU, and CUDA too when available (default)")
     p.add_argument("--protocol", default=defaults.protocol, help=f"(default {defaults.protocol})")
@@ -92,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_case:
             return _memory_case(args)
         from benchmark.engine.device import check_torchvision
-        from benchmark.perf.report import markdown, write_json
-        from benchmark.perf.suite import run_perf
+        from benchmark.perf.report import bootstrap_markdown, markdown, write_json
+        from benchmark.perf.suite import run_bootstrap, run_perf
 
-        check_torchvision()
         settings = settings_from_args(args)
+        if args.bootstrap_only:
+            print(bootstrap_markdown(run_bootstrap(settings)))
+            return 0
+        check_torchvision()
         result = run_perf(settings, Path(args.work_dir) if args.work_dir else None)
         print(markdown(result))
         if args.json:

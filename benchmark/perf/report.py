@@ -8,6 +8,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from benchmark.perf.bootstrap import GOAL_SECONDS as BOOTSTRAP_GOAL
+from benchmark.perf.bootstrap import BootstrapTiming
 from benchmark.perf.cases import all_cases
 from benchmark.perf.settings import CONFUSION_GOAL, ENGINE_GOAL, LOADER_GOAL, METHOD_GOALS
 from benchmark.perf.suite import METHODS, PerfResult
@@ -75,7 +77,21 @@ def _goal_rows(result: PerfResult) -> list[list[str]]:
         add("confusion: torchmetrics time / ours", d.device, d.confusion_speedup, CONFUSION_GOAL, False,
             rounds.get("confusion"))
         add("loader images/s / training images/s", d.device, d.loader_ratio, LOADER_GOAL, False, None)
+    if result.bootstrap is not None:
+        rows.append(bootstrap_row(result.bootstrap))
     return rows
+
+
+def bootstrap_row(timing: BootstrapTiming) -> list[str]:
+    """The goals-table row of the report's bootstrap case (seconds, at most :data:`BOOTSTRAP_GOAL`)."""
+    return [timing.label, "cpu", f"{timing.seconds:.2f}", f"{min(timing.rounds):.2f} - {max(timing.rounds):.2f}",
+            f"<= {BOOTSTRAP_GOAL:g}", "yes" if timing.seconds <= BOOTSTRAP_GOAL else "**no**"]
+
+
+def bootstrap_markdown(timing: BootstrapTiming) -> str:
+    """The bootstrap case alone (``python -m benchmark.perf --bootstrap-only``)."""
+    return tabulate([bootstrap_row(timing)], headers=["measurement", "device", "median", "rounds (min - max)", "goal",
+                                                      "met"], tablefmt="github") + "\n"
 
 
 def _case_rows(result: PerfResult) -> list[list[str]]:

@@ -52,6 +52,8 @@ class PerfSettings:
     memory: measure each case's peak memory in its own subprocess (CPU: peak RSS; CUDA: peak allocated).
     memory_iterations: trainer iterations (or confusion passes, loader batches) in a memory subprocess.
     profile_dir: write a torch.profiler and a cProfile table per training-step case there (None: no profiling).
+    bootstrap_images / bootstrap_classes / bootstrap_resamples: the report's bootstrap case
+        (:mod:`benchmark.perf.bootstrap`; ADE20K size: 2000 x 150 x 1000), timed once, on the CPU.
     """
 
     protocol: str = "synth-10-5"
@@ -74,6 +76,9 @@ class PerfSettings:
     memory: bool = True
     memory_iterations: int = 3
     profile_dir: str | None = None
+    bootstrap_images: int = 2000
+    bootstrap_classes: int = 150
+    bootstrap_resamples: int = 1000
 
     def __post_init__(self) -> None:
         problems = []
@@ -87,9 +92,11 @@ class PerfSettings:
         if self.step0_iterations is not None and self.step0_iterations < 1:
             problems.append(f"step0_iterations must be at least 1, got {self.step0_iterations}")
         for name in ("plop_batches", "confusion_maps", "confusion_size", "confusion_classes", "loader_batches",
-                     "threads", "memory_iterations"):
+                     "threads", "memory_iterations", "bootstrap_images", "bootstrap_classes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.bootstrap_resamples < 50:
+            problems.append(f"bootstrap_resamples must be at least 50, got {self.bootstrap_resamples}")
         if self.confusion_classes >= 255:
             problems.append(f"confusion_classes must be below 255 (the void label), got {self.confusion_classes}")
         if self.workers is not None and self.workers < 0:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from benchmark.perf import confusion
+from benchmark.perf.bootstrap import BootstrapTiming, measure_bootstrap
 from benchmark.perf.cases import (
     BASELINE_METHOD,
     CONFUSION_CASES,
@@ -60,6 +61,7 @@ class PerfResult:
     settings: PerfSettings
     environment: dict[str, object]
     devices: list[DeviceResult]
+    bootstrap: BootstrapTiming | None = None
 
 
 def _device_name(device: str) -> str:
@@ -201,10 +203,20 @@ def run_perf(settings: PerfSettings, work_dir: Path | None = None) -> PerfResult
         env = environment(settings)
         env["load_start"] = _load_average()
         devices = [run_device(settings, d, work_dir / d) for d in settings.devices]
+        boot = run_bootstrap(settings)
         env["load_end"] = _load_average()
     finally:
         torch.set_num_threads(threads)
-    return PerfResult(settings, env, devices)
+    return PerfResult(settings, env, devices, boot)
+
+
+def run_bootstrap(settings: PerfSettings) -> BootstrapTiming:
+    """The report's bootstrap case (numpy on the CPU, whatever the devices)."""
+    log.info("[cpu] report bootstrap: %d images x %d classes x %d resamples (%d rounds + %d warm-up)",
+             settings.bootstrap_images, settings.bootstrap_classes, settings.bootstrap_resamples, settings.repeats,
+             settings.warmup)
+    return measure_bootstrap(settings.bootstrap_images, settings.bootstrap_classes, settings.bootstrap_resamples,
+                             settings.repeats, settings.warmup)
 
 
 def _load_average() -> float | None:

@@ -2,12 +2,20 @@
 
 Output folder (default ``RESULTS_DIR/report/``)::
 
-    summary.csv                    protocol, method, step, group, metric, mean, std, n_seeds
+    summary.csv                    protocol, method, step, group, metric, mean, std, n_seeds, ci_low, ci_high,
+                                   ci_source (benchmark.report.intervals)
+    significance.csv / .md         protocol, method, reference, step, group, metric, diff, ci_low, ci_high,
+                                   significant: each continual method against the best one
     per_seed.csv                   the per-run group scores the summary averages
-    tables.tex / tables.md         final-step tables in the papers' layout
+    orders.csv                     splits run in several class orders: mean / std over orders, n_orders,
+                                   n_runs, the default order's mean, ci_low, ci_high, ci_source
+    orders_significance.csv        the significance table of those splits (column split instead of protocol)
+    tables.tex / tables.md         final-step tables in the papers' layout (+ over-orders and per-order tables)
     curves_<protocol>.png          per-step base / novel / seen per method
+    curves_<split>_orders.png      the same over class orders (bands = std over orders)
     heatmap_<protocol>_<method>.png  class x step scores
-    report.json                    options, conventions, the runs included and the files written
+    report.json                    options, conventions, the runs included, what was averaged over orders,
+                                   the bootstrap settings and the files written
 
 Plots of an earlier report in the same folder are removed first, so none is left from a run that is gone
 (also with ``--no-plots``: the folder never mixes files of two reports).
@@ -25,9 +33,12 @@ from benchmark.errors import DataError, UserError
 from benchmark.metrics.groups import VOC_BACKGROUND_OPTIONS
 from benchmark.store import atomic_write, load_results
 
+from .intervals import Intervals, compute_intervals
+from .bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from .orders import orders_info, orders_summary, split_name
 from .plots import plot_curves, plot_heatmap
 from .summary import ReportOptions, prepare, protocol_layouts, run_scores, summarize
-from .tables import final_tables, latex_tables, markdown_tables, text_tables
+from .tables import final_tables, latex_tables, markdown_tables, order_tables, significance_markdown, text_tables
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
@@ -42,20 +53,26 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     prepared = prepare(raw, options)
     layouts = protocol_layouts(raw, options)
     scores = run_scores(prepared)
-    summary = summarize(scores)
-    tables = final_tables(summary, layouts)
+    iv = analyse(results_dir, prepared, scores, options)
+    tables = final_tables(iv.summary, layouts, iv.significance)
+    by_order = order_tables(iv, layouts)
 
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("curves_*.png"), *out.glob("heatmap_*.png")]:
+    for old in [*out.glob("curves_*.png"), *out.glob("heatmap_*.png"), *out.glob("orders*.csv")]:
         old.unlink()
     written = [
-        _write_text(out / "summary.csv", summary.to_csv(index=False, na_rep="", lineterminator="\n")),
-        _write_text(out / "per_seed.csv", scores.to_csv(index=False, na_rep="", lineterminator="\n")),
-        _write_text(out / "tables.tex", latex_tables(tables, options)),
-        _write_text(out / "tables.md", markdown_tables(tables, options)),
+        _write_text(out / "summary.csv", _csv(iv.summary)),
+        _write_text(out / "significance.csv", _csv(iv.significance)),
+        _write_text(out / "significance.md", significance_markdown(iv, options)),
+        _write_text(out / "per_seed.csv", _csv(scores)),
+        _write_text(out / "tables.tex", latex_tables(tables, options, by_order)),
+        _write_text(out / "tables.md", markdown_tables(tables, options, by_order)),
     ]
+    if iv.orders is not None and len(iv.orders):
+        written += [_write_text(out / "orders.csv", _csv(iv.orders)),
+                    _write_text(out / "orders_significance.csv", _csv(iv.orders_significance))]
     if options.plots:
-        written += _plots(summary, prepared, layouts, out)
+        written += _plots(iv, prepared, layouts, out)
     runs = raw.drop_duplicates("run_dir")[["run_dir", "protocol", "method", "seed"]]
     steps = raw.groupby("run_dir")["step"].unique().map(lambda s: sorted(int(x) for x in s))
     info = {
@@ -64,10 +81,18 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
         "conventions": options.conventions(),
         "runs": [{**{k: (int(v) if k == "seed" else v) for k, v in r.items()}, "steps": steps[r["run_dir"]]}
                  for r in runs.to_dict("records")],
+        "bootstrap": iv.info,
+        "orders": orders_info(raw),
         "files": [p.name for p in written],
     }
     written.append(_write_text(out / "report.json", json.dumps(info, indent=2) + "\n"))
     return out
+
+
+def analyse(results_dir: str | Path, prepared, scores, options: ReportOptions) -> Intervals:
+    """Summary over seeds, the aggregate over class orders, their intervals and the significance tables."""
+    summary = summarize(scores)
+    return compute_intervals(results_dir, prepared, summary, options.bootstrap, orders_summary(summary))
 
 
 def final_table(results_dir: str | Path, protocols: Sequence[str] | None = None,
@@ -78,8 +103,10 @@ def final_table(results_dir: str | Path, protocols: Sequence[str] | None = None,
         raw = raw[raw["protocol"].isin(list(protocols))]
     if raw.empty:
         return f"no completed step under {results_dir}" + (f" for {', '.join(protocols)}" if protocols else "")
-    summary = summarize(run_scores(prepare(raw, options)))
-    return text_tables(final_tables(summary, protocol_layouts(raw, options)), options)
+    layouts = protocol_layouts(raw, options)
+    prepared = prepare(raw, options)
+    iv = analyse(results_dir, prepared, run_scores(prepared), options)
+    return text_tables(final_tables(iv.summary, layouts, iv.significance), options, order_tables(iv, layouts))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decimals", type=int, choices=range(0, 5), default=1, metavar="{0..4}",
                    help="decimals in the tables (default 1)")
     p.add_argument("--no-plots", action="store_true", help="only the CSV and table files (no PNG)")
+    p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, metavar="N",
+                   help=f"bootstrap resamples of the confidence intervals (default {DEFAULT_RESAMPLES}; 0 = none)")
+    p.add_argument("--ci-seed", type=int, default=0, metavar="S", help="seed of the bootstrap draws (default 0)")
+    p.add_argument("--confidence", type=float, default=DEFAULT_LEVEL, metavar="L",
+                   help=f"two-sided confidence level of the intervals (default {DEFAULT_LEVEL})")
     return p
 
 
@@ -103,7 +135,8 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     try:
         out = write_report(args.results_dir, args.out,
                            ReportOptions(voc_background=args.voc_background, decimals=args.decimals,
-                                         plots=not args.no_plots))
+                                         plots=not args.no_plots, resamples=args.resamples, ci_seed=args.ci_seed,
+                                         confidence=args.confidence))
     except UserError as err:
         return err.report()
     print((out / "tables.md").read_text())
@@ -111,14 +144,26 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _plots(summary, prepared, layouts, out: Path) -> list[Path]:
+def _plots(iv: Intervals, prepared, layouts, out: Path) -> list[Path]:
     written = []
     for name, layout in sorted(layouts.items()):
-        written.append(plot_curves(summary, layout, out / f"curves_{_file_part(name)}.png"))
+        written.append(plot_curves(iv.summary, layout, out / f"curves_{_file_part(name)}.png"))
         for method in sorted(prepared.loc[prepared["protocol"] == name, "method"].unique()):
             written.append(plot_heatmap(prepared, layout, method,
                                         out / f"heatmap_{_file_part(name)}_{_file_part(method)}.png"))
+    if iv.orders is not None:
+        for split, rows in iv.orders.groupby("split"):
+            layout = next(layouts[p] for p in layouts if split_name(p) == split)
+            frame = rows.rename(columns={"split": "protocol"}).assign(
+                protocol=layout.name, n_seeds=rows["n_orders"])
+            written.append(plot_curves(frame, layout, out / f"curves_{_file_part(split)}_orders.png",
+                                       title=f"{split}: {{metric}} after each step (mean ± std over "
+                                             f"{int(rows['n_orders'].max())} class orders)"))
     return written
+
+
+def _csv(frame) -> str:
+    return frame.to_csv(index=False, na_rep="", lineterminator="\n")
 
 
 def _write_text(path: Path, text: str) -> Path:

@@ -1,8 +1,10 @@
 """Per-step curves and per-class heatmaps (matplotlib, Agg canvas; no pyplot global state).
 
 - ``curves_<protocol>.png``: one panel per group (base, novel, seen), score after each step, one line per
-  method with a mean ± std band over seeds; joint is a dashed horizontal line (its final score), the
-  upper bound every curve is read against.
+  method with a mean ± std band over seeds (with one run: its bootstrap interval over validation images,
+  when the summary has one); joint is a dashed horizontal line (its final score), the upper bound every
+  curve is read against.
+- ``curves_<split>_orders.png``: the same over the class orders of a split (bands = std over orders).
 - ``heatmap_<protocol>_<method>.png``: class (rows, grouped by the step that introduced them) x step
   (columns), the per-class score averaged over seeds; grey = not learned yet, white = no ground truth.
 """
@@ -30,8 +32,11 @@ def method_colour(method: str, others: list[str]) -> str:
     return _PALETTE[ordered.index(method) % len(_PALETTE)] if method in ordered else "#555555"
 
 
-def plot_curves(summary: pd.DataFrame, layout: ProtocolLayout, path: str | Path) -> Path:
-    """Per-step base / novel / seen scores of every method of ``layout.name``."""
+def plot_curves(summary: pd.DataFrame, layout: ProtocolLayout, path: str | Path, title: str | None = None) -> Path:
+    """Per-step base / novel / seen scores of every method of ``layout.name``.
+
+    ``title`` may contain ``{metric}``; default: the protocol's name, mean ± std over seeds.
+    """
     rows = summary[(summary["protocol"] == layout.name) & (summary["metric"] == layout.summary_metric)]
     panels = [("base", f"base ({layout.base_label})"), ("novel", f"novel ({layout.novel_label})"),
               ("seen", "seen (= all at the last step)")] if layout.final_step > 0 else [("seen", "all classes")]
@@ -49,7 +54,11 @@ def plot_curves(summary: pd.DataFrame, layout: ProtocolLayout, path: str | Path)
                 continue
             colour = method_colour(method, methods)
             mean, std = data["mean"].to_numpy(), data["std"].fillna(0.0).to_numpy()
-            top = max(top, float(np.nanmax(mean + std)))
+            low, high = mean - std, mean + std
+            if (data["n_seeds"] == 1).all() and "ci_low" in data and data["ci_low"].notna().any():
+                low = data["ci_low"].fillna(data["mean"]).to_numpy()      # one run: its bootstrap interval
+                high = data["ci_high"].fillna(data["mean"]).to_numpy()
+            top = max(top, float(np.nanmax(high)))
             label = display_name(method)
             if method == JOINT:
                 ax.axhline(mean[-1], color="black", linestyle="--", linewidth=1.3, label=f"{label} (upper bound)")
@@ -57,8 +66,8 @@ def plot_curves(summary: pd.DataFrame, layout: ProtocolLayout, path: str | Path)
                     ax.axhspan(mean[-1] - std[-1], mean[-1] + std[-1], color="black", alpha=0.08, linewidth=0)
                 continue
             ax.plot(data["step"], mean, marker="o", markersize=4, linewidth=1.8, color=colour, label=label)
-            if (data["n_seeds"] > 1).any():
-                ax.fill_between(data["step"], mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
+            if (high > low).any():
+                ax.fill_between(data["step"], low, high, color=colour, alpha=0.18, linewidth=0)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
         ax.set_xticks(steps if len(steps) <= 12 else steps[:: int(np.ceil(len(steps) / 12))])
@@ -73,7 +82,8 @@ def plot_curves(summary: pd.DataFrame, layout: ProtocolLayout, path: str | Path)
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle(f"{layout.name}: {metric} after each step (mean ± std over seeds)", fontsize=12)
+    title = title or "{name}: {metric} after each step (mean ± std over seeds; one run: 95% bootstrap interval)"
+    fig.suptitle(title.format(name=layout.name, metric=metric), fontsize=12)
     return _save(fig, path)
 
 

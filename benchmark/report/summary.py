@@ -25,6 +25,8 @@ from benchmark.errors import ConfigError, DataError
 from benchmark.metrics.continual import average_incremental, forgetting_per_class, mean_forgetting
 from benchmark.metrics.groups import GROUPS, VOC_BACKGROUND, check_voc_background, group_member, range_label
 
+from .bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapConfig
+
 JOINT = "joint"
 PRIMARY = {"semantic": "iou", "instance": "ap"}
 # long-table metric -> summary metric (per-class IoU averages to mIoU; AP keeps its name)
@@ -32,22 +34,33 @@ SUMMARY_METRIC = {"iou": "miou", "ap": "ap", "ap50": "ap50", "ap75": "ap75"}
 METRIC_ORDER = ("miou", "ap", "ap50", "ap75", "forgetting", "avg_incremental")
 METHOD_ORDER = ("finetune", "mib", "plop", "comformer", "cisdq", "cisdq-kl")
 SUMMARY_COLUMNS = ["protocol", "method", "step", "group", "metric", "mean", "std", "n_seeds"]
+CI_COLUMNS = ["ci_low", "ci_high", "ci_source"]
 SCORE_COLUMNS = ["protocol", "method", "seed", "step", "group", "metric", "value"]
 
 
 @dataclass(frozen=True)
 class ReportOptions:
     """How to report. ``voc_background``: "base" (PLOP's 0-15) or "exclude" (MiB's 1-15); ``decimals`` in
-    the tables; ``plots=False`` skips the PNGs (they take most of the time for 150-class heatmaps)."""
+    the tables; ``plots=False`` skips the PNGs (they take most of the time for 150-class heatmaps);
+    ``resamples`` (0 = no intervals), ``ci_seed`` and ``confidence`` of the bootstrap
+    (:mod:`benchmark.report.bootstrap`)."""
 
     voc_background: str = "base"
     decimals: int = 1
     plots: bool = True
+    resamples: int = DEFAULT_RESAMPLES
+    ci_seed: int = 0
+    confidence: float = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         check_voc_background(self.voc_background)
         if not isinstance(self.decimals, int) or not 0 <= self.decimals <= 4:
             raise ConfigError(f"decimals must be an integer 0..4, got {self.decimals!r}")
+        self.bootstrap   # validates resamples and confidence
+
+    @property
+    def bootstrap(self) -> BootstrapConfig:
+        return BootstrapConfig(resamples=self.resamples, seed=self.ci_seed, level=self.confidence)
 
     def conventions(self) -> dict[str, str]:
         """The conventions in words, written into every table file and report.json."""
@@ -63,6 +76,16 @@ class ReportOptions:
             "forgetting": "per class: max score over the steps from its introduction to the one before the "
                           "final, minus the final score; mean over old classes (percentage points)",
             "avg_incremental": "mean over steps of the seen-class score (PLOP's 'avg')",
+            "intervals": (f"{100 * self.confidence:g}% percentile bootstrap, {self.resamples} resamples (seed "
+                          f"{self.ci_seed}): validation images resampled with one draw shared by every method, seed "
+                          "and class order of a split, scores recomputed from the resampled per-image tp/fp/fn "
+                          "sums; with several runs the runs (seeds; orders x seeds) are resampled too. Instance AP "
+                          "and runs without per_image.npz: intervals from the runs (seeds) only, none for one run"
+                          if self.resamples else "no intervals (resamples = 0)"),
+            "significance": "difference of each continual method to the best continual method (highest mean; lowest "
+                            "forgetting) of the same step, group and metric, on the same resamples (paired); "
+                            "significant when its interval excludes 0. Bold in the tables = best and significantly "
+                            "better than the runner-up; a dagger marks methods statistically tied with the best",
         }
 
     def to_dict(self) -> dict:
