@@ -461,8 +461,11 @@ def _shared_step0(runner: StepRunner):
 
     r = runner.r
     cache = RunStore(Path(r.spec.out) / "_step0" / _step0_key(r))
-    with _file_lock(cache.run_dir / ".lock"):
-        if not cache.is_done(0):
+    # Under torchrun only rank 0 takes the file lock (the other ranks of the run wait for it in the collective
+    # below, and train with it): a lock per rank would block rank 1 while rank 0 waits for it in DDP.
+    lock = _file_lock(cache.run_dir / ".lock") if runner.dist.is_main else contextlib.nullcontext()
+    with lock:
+        if not runner.dist.all_gather_object(cache.is_done(0))[0]:       # rank 0 decides for the run
             log.info("training the shared step 0 in %s", cache.run_dir)
             if runner.dist.is_main:
                 cache.write_run_json({"method": "step0-cache", "protocol": r.protocol.name, "seed": r.spec.seed,
