@@ -27,6 +27,8 @@ At step t > 0 (K_t seen classes, |C_t| new):
 Differences from the original, and decisions:
   * Median: the true median (the original's histogram loop adds bin indices instead of counts,
     train.py L563-571, so its tau is not the median; see :func:`methods.pseudo_labels.plop_thresholds`).
+    Kept on purpose; ``threshold_rule="plop-code"`` reproduces the released code's thresholds, and the
+    README's fidelity section gives the measured effect of the choice.
     The exact median is used while the pass has at most ``median_exact_max_pixels`` candidate pixels,
     beyond that a ``median_bins``-bin histogram (linear interpolation inside the bin, within 1/bins).
   * The normalised entropy is ``-sum_c p_c log p_c / log K_old``; the original divides once more by
@@ -72,7 +74,8 @@ from methods.base import HParams, Method, StepContext
 from methods.comformer import append_targets, mask_pseudo_targets
 from methods.losses import local_pod
 from methods.mib import check_single_head, grow_head, mask_mode
-from methods.pseudo_labels import EntropyHistogram, plop_pixel_stats, plop_pseudo_labels, plop_thresholds
+from methods.pseudo_labels import (EntropyHistogram, plop_code_thresholds, plop_pixel_stats, plop_pseudo_labels,
+                                   plop_thresholds)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from benchmark.batch import Batch
@@ -90,6 +93,7 @@ POD_WEIGHT_BY_DATASET: dict[str, tuple[float, str]] = {
 _DATASET_RE = re.compile(r"^(ade-inst|synth-inst|voc|ade|coco|synth)-")
 
 PSEUDO_MODES = ("auto", "entropy", "mask", "none")
+THRESHOLD_RULES = ("median", "plop-code")
 POD_SCHEDULES = ("plop", "comformer", "none")
 
 
@@ -110,6 +114,9 @@ class PLOPParams(HParams):
     median_exact_max_pixels / median_bins: exact median up to this many candidate pixels per step,
         else a histogram with this many bins (see the module docstring).
     mib_init: MiB's initialisation of the new class rows (``init_balanced = True``, argparser.py L57).
+    threshold_rule: "median" (the paper's per-class median entropy) or "plop-code" (what the released
+        ``find_median`` computes, :func:`methods.pseudo_labels.plop_code_thresholds`; measured in the README's
+        fidelity section).
     """
 
     pod_weight: float = 0.01
@@ -123,10 +130,14 @@ class PLOPParams(HParams):
     median_exact_max_pixels: int = 1 << 25
     median_bins: int = 4096
     mib_init: bool = True
+    threshold_rule: str = "median"
 
     def __post_init__(self) -> None:
         def bad(key: str, problem: str, hint: str) -> None:
             raise ConfigError(f"plop: method.{key}={getattr(self, key)!r} {problem}", hint=hint)
+
+        if self.threshold_rule not in THRESHOLD_RULES:
+            bad("threshold_rule", f"is not one of {THRESHOLD_RULES}", "median = the paper, plop-code = the released code")
 
         if not self.pod_weight >= 0:
             bad("pod_weight", "must be >= 0", "0.01 (VOC) / 0.001 (ADE); 0 switches POD off")
@@ -278,13 +289,27 @@ class EntropyStatistics:
     def exact(self) -> bool:
         return self._entropies is not None
 
-    def thresholds(self, floor: float) -> Tensor:
-        """tau [num_classes] float32 on the CPU."""
+    def thresholds(self, floor: float, rule: str = "median", num_seen: int | None = None) -> Tensor:
+        """tau [num_classes] float32 on the CPU; ``rule="plop-code"`` needs ``num_seen`` (K_t)."""
+        if rule == "plop-code":
+            entropies, classes = self._values()
+            if entropies is None:       # beyond the exact budget: the histogram's bin centres stand in
+                counts = self.histogram.counts
+                centres = (torch.arange(counts.shape[1], dtype=torch.float64) + 0.5) / counts.shape[1]
+                classes = torch.arange(self.num_classes).repeat_interleave(counts.sum(1))
+                entropies = torch.cat([centres.repeat_interleave(row) for row in counts])
+            return plop_code_thresholds(entropies, classes, self.num_classes, num_seen, floor)
         if self._entropies is None:
             return self.histogram.thresholds(floor)
+        entropies, classes = self._values()
+        return plop_thresholds(entropies, classes, self.num_classes, floor).cpu()
+
+    def _values(self) -> tuple[Tensor | None, Tensor | None]:
+        if self._entropies is None:
+            return None, None
         entropies = torch.cat(self._entropies) if self._entropies else torch.zeros(0)
         classes = torch.cat(self._classes) if self._classes else torch.zeros(0, dtype=torch.int32)
-        return plop_thresholds(entropies, classes, self.num_classes, floor).cpu()
+        return entropies, classes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +373,7 @@ class PLOP(Method):
                     keep = candidate_pixels(target, batch.pixel_mask[b], None if objects is None else objects[b])
                     stats.update(nearest_resize(entropy[b], size)[keep], nearest_resize(argmax[b], size)[keep])
         ctx.old_model.train(was_training)
-        self.thresholds = stats.thresholds(hp.entropy_floor)
+        self.thresholds = stats.thresholds(hp.entropy_floor, hp.threshold_rule, ctx.num_seen)
         self.thresholds_step = ctx.step
 
     def loss(self, batch: "Batch", outputs: "ModelOutputs", old_outputs: "ModelOutputs | None",

@@ -168,6 +168,46 @@ def plop_thresholds(entropies: Tensor, argmax: Tensor, num_classes: int, floor: 
     return tau
 
 
+@torch.no_grad()
+def plop_code_thresholds(entropies: Tensor, argmax: Tensor, num_classes: int, num_seen: int,
+                         floor: float = 0.001, bins: int = 100) -> Tensor:
+    """The thresholds PLOP's released code computes (train.py ``find_median``, entropy mode), on this module's
+    entropy scale: the ``threshold_rule="plop-code"`` option of PLOP, to measure what the true median changes.
+
+    Written from the code's behaviour, not copied: the code's entropy is ours divided by
+    ``num_classes * log(num_seen)`` (:func:`plop_pixel_stats`); it bins it into ``bins`` (100) bins per old
+    class; per class it walks the bins with a running sum that adds each bin's *index* (not its count) and
+    stops at the first bin ``i`` with ``running <= n/2 <= running + count_i``; tau = ``i/bins + (n/2 -
+    running) / count_i / bins``, then ``max(tau, floor)`` on the code's scale; the result is multiplied back
+    to this module's scale. Classes without pixels get 0 in the code, hence ``floor`` here. When the walk
+    passes every bin (the running sum of indices outgrows n/2 before the condition holds) it ends on the last,
+    empty bin and the code divides by zero: -inf, so tau is the floor and almost no pixel of that class is
+    pseudo-labelled. The code's entropy values are tiny (at most 1 / (C log K)), so they occupy the first
+    bins only and tau is a value inside an early bin, or the floor: not the median.
+    """
+    e = entropies.reshape(-1).double()
+    c = argmax.reshape(-1).long()
+    _check_classes(c, num_classes)
+    scale = num_classes * math.log(num_seen) if num_seen > 1 else 1.0
+    y = (e / scale * bins).long().clamp(0, bins - 1)
+    hist = torch.bincount(c * bins + y, minlength=num_classes * bins).view(num_classes, bins).double().cpu()
+    tau = torch.zeros(num_classes, dtype=torch.float64)
+    for k in range(num_classes):
+        total = float(hist[k].sum())
+        if total <= 0:
+            continue
+        half, running = total / 2, 0.0
+        for i in range(bins):
+            if running <= half <= running + float(hist[k, i]):
+                break
+            running += i
+        count, rest = float(hist[k, i]), half - running
+        # an empty last bin divides by 0 as the code's tensors do: -inf (hence the floor) or +inf
+        step = rest / count if count > 0 else (math.copysign(math.inf, rest) if rest != 0 else math.nan)
+        tau[k] = i / bins + step / bins
+    return (tau.clamp_min(floor) * scale).float()
+
+
 @dataclass(eq=False)
 class EntropyHistogram:
     """Streaming per-class entropy histograms for :func:`plop_thresholds` on datasets too large to keep

@@ -247,3 +247,19 @@ def test_cisdq_pseudo_instances_shapes_and_errors():
     assert labels.shape == (0,) and masks.shape == (0, 2, 2)
     with pytest.raises(ValueError, match="mask logits"):
         cisdq_pseudo_instances(torch.zeros(2, 3), torch.zeros(3, 2, 2))
+
+
+def test_plop_code_thresholds_follow_the_released_find_median_walk():
+    from methods.pseudo_labels import plop_code_thresholds
+
+    num_seen = 5
+    scale = 2 * math.log(num_seen)                   # the code's entropy = ours / (C_old log K_t)
+    code_values = torch.tensor([0.05, 0.05, 0.15, 0.15] + [0.55] * 7)
+    classes = torch.tensor([0] * 4 + [1] * 7)
+    tau = plop_code_thresholds(code_values * scale, classes, 2, num_seen, floor=0.001, bins=10)
+    # class 0: bins [2, 2], half 2 is reached in bin 0: 0 + (2 - 0) / 2 / 10 = 0.1
+    # class 1: 7 values in bin 5; the walk adds bin indices 0 + 1 + 2 + ... and passes half = 3.5 without
+    # meeting it, ends on the empty last bin: (3.5 - 45) / 0 = -inf -> the floor 0.001
+    assert tau.tolist() == pytest.approx([0.1 * scale, 0.001 * scale], rel=1e-6)
+    # the paper's median of class 1 is 0.55 (code scale): the released code pseudo-labels almost nothing there
+    assert plop_thresholds(code_values * scale, classes, 2)[1] == pytest.approx(0.55 * scale, rel=1e-6)
