@@ -144,14 +144,18 @@ def with_random_orders(protocol, n: int) -> list:
     return [protocol] + [get_protocol(f"{head}@rand{i}{tilde}{derivation}") for i in range(1, n + 1)]
 
 
-def _orders(text: str) -> int:
+def _count(text: str, what: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of random class orders, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _orders(text: str) -> int:
+    return _count(text, "a number of random class orders", 0)
 
 
 # Third-party packages the command needs (pyproject.toml): a missing one is an installation problem.
@@ -160,15 +164,7 @@ REQUIRED_MODULES = frozenset({"torch", "transformers", "scipy", "numpy", "PIL", 
 
 
 def _jobs(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of processes, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return text if text == "auto" else _count(text, "'auto' or a number of processes", 1)
 
 
 def _setup_logging(verbose: bool) -> None:
