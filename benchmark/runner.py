@@ -239,11 +239,20 @@ def _step0_key(r: Resolved) -> str:
 
     The layout is part of the key because a method that shares the standard step 0 may size its model
     itself (CisDQ: one query per base class): it shares the cached model only when that is the same model.
-    Only the schedule row of step 0 (the joint row for joint training) is part of the key.
+    Only the schedule row of step 0 (the joint row for joint training) is part of the key, and of an overlap
+    split only its step 0 and its classes.
     """
     layout = [list(group) for group in r.method.initial_layout(r.train_protocol, r.preset)]
     schedule = vars(r.schedule.for_step(0, joint=r.method.joint))
-    blob = json.dumps({"protocol": r.train_protocol.fingerprint, "joint": bool(r.method.joint), "seed": r.spec.seed,
+    protocol = r.train_protocol
+    split = protocol.fingerprint
+    if not r.method.joint and protocol.mode == "overlap":
+        # In overlap mode step 0 trains on the images of its own classes whatever comes later, and is
+        # evaluated on every class: splits with the same step 0 (synth-10-5 and synth-10-2, ade-100-50/-10/-5)
+        # share its model. Disjoint selection depends on the later steps, so there the whole split counts.
+        split = {"dataset": protocol.dataset, "task": protocol.task, "mode": protocol.mode,
+                 "step0": list(protocol.steps[0]), "classes": list(protocol.all_classes)}
+    blob = json.dumps({"protocol": split, "joint": bool(r.method.joint), "seed": r.spec.seed,
                        "config": {k: v for k, v in r.config.items() if k not in ("method_hparams",)}
                        | {"schedule": schedule}, "dataset": r.protocol.dataset, "layout": layout}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -279,3 +279,16 @@ def test_joint_training_is_shared_by_splits_with_the_same_classes(tmp_path):
     assert set(ra["protocol"]) == {"synth-10-5"} and set(rb["protocol"]) == {"synth-10-2"}
     np.testing.assert_array_equal(ra["value"].to_numpy(), rb["value"].to_numpy())   # the same model and eval
     assert [s.protocol for s in dispatch_order([spec("joint", tmp_path), b_spec])] == ["synth-10-5", "synth-10-2"]
+
+
+def test_splits_with_the_same_step0_share_it_in_overlap_mode_only(tmp_path):
+    from benchmark.runner import _step0_key, resolve
+
+    def key(protocol, method="finetune"):
+        s = spec(method, tmp_path)
+        return _step0_key(resolve(RunSpec(**{**s.__dict__, "protocol": protocol})))
+
+    assert key("synth-10-5") == key("synth-10-2")                 # same step 0, same 20 classes
+    assert key("synth-10-5") != key("synth-5-5")                  # another step 0
+    assert key("synth-10-5-disjoint") != key("synth-10-2-disjoint")   # disjoint images depend on later steps
+    assert key("synth-10-5", "joint") != key("synth-10-5")
