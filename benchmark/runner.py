@@ -477,7 +477,8 @@ def _shared_step0(runner: StepRunner):
         if not runner.dist.all_gather_object(cache.is_done(0))[0]:       # rank 0 decides for the run
             log.info("training the shared step 0 in %s", cache.run_dir)
             if runner.dist.is_main:
-                cache.write_run_json({"method": "step0-cache", "protocol": r.protocol.name, "seed": r.spec.seed,
+                cache.write_run_json({"method": "joint-cache" if r.method.joint else "step0-cache",
+                                      "protocol": r.protocol.name, "seed": r.spec.seed,
                                       "config": r.config})
             model, stats = runner.train_step(0, None, cache.run_dir)
             result = runner.evaluate(model, 0)
