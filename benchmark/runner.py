@@ -84,7 +84,7 @@ class Resolved:
     synth: Any
     criterion: Any
     config: dict = field(default_factory=dict)
-    semantic: Any = None          # engine.evaluate.SemanticInference
+    eval_options: Any = None      # the task's evaluation options (tasks: Task.eval_options), None if it has none
 
 
 def resolve(spec: RunSpec) -> Resolved:
@@ -124,23 +124,27 @@ def resolve(spec: RunSpec) -> Resolved:
     from benchmark.engine.criterion import SetCriterion
 
     criterion = apply_overrides(SetCriterion(num_points=preset.train_num_points), ov.get("loss", {}), "loss")
-    from benchmark.engine.evaluate import SemanticInference
+    from benchmark.tasks import get_task
 
-    semantic = apply_overrides(SemanticInference(), ov.get("eval", {}), "eval")
+    task = get_task(protocol.task)
+    if ov.get("eval") and task.eval_options is None:
+        raise ConfigError(f"--set eval.{next(iter(ov['eval']))}: the evaluation of {protocol.name} ({task.name} "
+                          "task) has no options", hint="drop the eval.* overrides for this protocol")
+    eval_options = task.resolve_eval_options(ov.get("eval", {}))
     train_protocol = protocol.as_joint() if method.joint else protocol
     config = {"loss": to_jsonable(criterion),
         "engine": spec.engine, "schedule": schedule.to_dict(), "model": to_jsonable(preset),
         "train": to_jsonable(train), "data": {"aug": to_jsonable(aug), "loader": to_jsonable(loader)},
         "method_hparams": method.hparams.to_dict(), "backbone_weights": spec.backbone_weights,
     }
-    if protocol.task == "semantic":
-        config["eval"] = to_jsonable(semantic)
+    if eval_options is not None:
+        config["eval"] = to_jsonable(eval_options)
     if protocol.dataset.startswith("synth"):
         config["synth"] = to_jsonable(synth)
     else:
         config["data_root"] = str(Path(spec.data_root).resolve())
     return Resolved(spec, protocol, train_protocol, method, schedule, preset, train, aug, loader, synth,
-                    criterion, json.loads(json.dumps(config)), semantic)
+                    criterion, json.loads(json.dumps(config)), eval_options)
 
 
 # ---- datasets -------------------------------------------------------------------------------------
@@ -391,31 +395,25 @@ class StepRunner:
         # evaluate() shards the loader over DDP ranks itself.
         loader = eval_loader(EvalView(self.val_ds, sched.eval_size), workers=self.r.loader.evaluation_workers)
         return evaluate(model, loader, self.r.train_protocol, t, self.device, self.r.protocol.task,
-                        mask_mode=self.r.criterion.mask_mode, semantic=self.r.semantic, progress=self.show_progress,
+                        mask_mode=self.r.criterion.mask_mode, options=self.r.eval_options, progress=self.show_progress,
                         score_threshold=getattr(self.r.method, "instance_score_threshold", 0.0))
 
     def write_step(self, store, t: int, model, result, seconds: float) -> None:
         from benchmark.engine.checkpoint import save_weights
-        from benchmark.store import instance_rows, semantic_rows
+        from benchmark.tasks import get_task
 
         r = self.r
-        ident = dict(method=r.spec.method, protocol=r.protocol, seed=r.spec.seed, step=t)
         tmp = store.run_dir / f".weights_{t:02d}.pt"
         save_weights(model, tmp)
-        if r.protocol.task == "semantic":
-            rows = semantic_rows(matrix=result.matrix, class_ids=result.class_ids, **ident)
-            store.write_step(t, confusion=(result.matrix, result.class_ids), per_image=result.per_image,
-                             weights_path=tmp, metrics_rows=rows, extra={"seconds": seconds})
-        else:
-            ap = result.per_class_ap(self.val_ds.coco_json_path)
-            rows = instance_rows(per_class=ap, **ident)
-            store.write_step(t, detections=result.detections, per_image=result.per_image, weights_path=tmp,
-                             metrics_rows=rows, extra={"seconds": seconds})
+        get_task(r.protocol.task).store_step(store, t, result, val_ds=self.val_ds, weights_path=tmp,
+                                             ident=dict(method=r.spec.method, protocol=r.protocol, seed=r.spec.seed),
+                                             extra={"seconds": seconds})
 
 
 def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
     """Run (or resume) every step of one (method, protocol, seed); returns the run folder."""
     from benchmark.store import RunStore
+    from benchmark.tasks import get_task
 
     r = resolve(spec)
     run_dir = spec.run_dir(r.protocol.name)
@@ -442,8 +440,8 @@ def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
                 log.info("step %d already done: skipped", t)
                 prev_weights = store.weights_path(t)
                 continue
-            if r.protocol.task == "instance" and is_main:
-                header["val_annotations"] = str(runner.val_ds.coco_json_path)
+            if is_main:
+                header.update(get_task(r.protocol.task).run_header(runner.val_ds))
             if is_main:
                 store.write_run_json(header | {"timings": timings})
             start = time.time()

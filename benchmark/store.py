@@ -131,35 +131,50 @@ class RunStore:
     # ------------------------------------------------------------------------------------------ steps
     def write_step(self, step: int, *, metrics_rows: Iterable[Mapping[str, Any]],
                    confusion: tuple[Any, Sequence[int]] | None = None, detections: list[dict] | None = None,
+                   files: Mapping[str, Callable[[Any], Any]] | None = None,
+                   folders: Mapping[str, Callable[[Path], Any]] | None = None,
                    per_image: PerImageStats | None = None,
                    weights_path: str | Path | None = None, state_dict: Mapping | None = None,
                    extra: Mapping[str, Any] | None = None) -> Path:
         """Store one evaluated step; DONE is written last. Returns the step folder.
 
-        Exactly one of ``confusion=(matrix, class_ids)`` (semantic) or ``detections`` (instance).
+        The raw evaluation output: ``confusion=(matrix, class_ids)`` (semantic) or ``detections`` (instance),
+        or a task's own artefacts: ``files`` (name -> ``write(binary file)``, written atomically) and
+        ``folders`` (name -> ``fill(empty folder)``, filled under a temporary name and renamed into place).
+        At least one of them; confusion and detections exclude each other.
         ``per_image`` (optional) is written as per_image.npz; with a confusion matrix, its tp / fp / fn sums
         must equal the matrix (checked, ValueError otherwise).
         Weights, optional: ``weights_path`` is *moved* into the folder (write it next to the run
         folder so this is a rename), or ``state_dict`` is saved with ``torch.save``. ``extra`` (e.g.
         timings) goes into the DONE marker.
         """
-        if (confusion is None) == (detections is None):
-            raise ValueError("write_step needs exactly one of confusion=(matrix, class_ids) or detections=[...]")
+        files, folders = dict(files or {}), dict(folders or {})
+        if confusion is not None and detections is not None:
+            raise ValueError("write_step takes confusion=(matrix, class_ids) or detections=[...], not both")
+        if confusion is None and detections is None and not files and not folders:
+            raise ValueError("write_step needs the step's raw output: confusion, detections, files or folders")
         if weights_path is not None and state_dict is not None:
             raise ValueError("give weights_path or state_dict, not both")
         rows = _check_rows(metrics_rows, step)
         folder = self.step_dir(step)
         folder.mkdir(parents=True, exist_ok=True)
+        previous = self._done_files(step)
         (folder / DONE).unlink(missing_ok=True)
         written = []
         if confusion is not None:
             matrix, class_ids = _confusion_arrays(*confusion)
             atomic_write(folder / CONFUSION, lambda f: np.savez(f, matrix=matrix, class_ids=class_ids))
             written.append(CONFUSION)
-        else:
+        if detections is not None:
             text = json.dumps(list(detections), separators=(",", ":"), default=_json_default)
             atomic_write(folder / DETECTIONS, lambda f: f.write(text.encode("utf-8")))
             written.append(DETECTIONS)
+        for name, write in files.items():
+            atomic_write(folder / name, write)
+            written.append(name)
+        for name, fill in folders.items():
+            _atomic_folder(folder / name, fill)
+            written.append(name)
         if per_image is not None:
             if confusion is not None and "tp" in per_image.arrays:
                 check_against_confusion(per_image, matrix)
@@ -175,13 +190,26 @@ class RunStore:
             written.append(WEIGHTS)
         atomic_write(folder / STEP_METRICS, lambda f: f.write(_rows_to_csv(rows).encode("utf-8")))
         written.append(STEP_METRICS)
-        for name in set(_STORE_FILES) - set(written):   # leftovers of an earlier version of this step
-            (folder / name).unlink(missing_ok=True)
+        for name in (set(_STORE_FILES) | previous) - set(written):   # leftovers of an earlier version of this step
+            stale = folder / name
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
         marker = {"step": int(step), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": written,
                   **dict(extra or {})}
         atomic_write(folder / DONE, lambda f: f.write(json.dumps(marker, default=_json_default).encode("utf-8")))
         self.rebuild_metrics()
         return folder
+
+    def _done_files(self, step: int) -> set[str]:
+        """The files (and folders) the step's DONE marker lists; empty when there is none."""
+        marker = self.step_dir(step) / DONE
+        try:
+            names = json.loads(marker.read_text()).get("files", []) if marker.is_file() else []
+        except (OSError, ValueError, AttributeError):
+            return set()
+        return {n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..", DONE)}
 
     def is_done(self, step: int) -> bool:
         return (self.step_dir(step) / DONE).is_file()
@@ -298,6 +326,21 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _atomic_folder(path: Path, fill: Callable[[Path], Any]) -> None:
+    """Fill a fresh temporary sibling folder, then put it in place of ``path`` (a kill leaves a stray
+    ``.name.tmp-PID`` folder or the old folder, never a half-filled ``path``)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _move_into(src: Path, dst: Path) -> None:

@@ -343,7 +343,11 @@ class PLOP(Method):
     def pseudo_mode(self, ctx: StepContext) -> str:
         mode = self.hparams.pseudo_labels
         if mode == "auto":
-            return "entropy" if ctx.task == "semantic" else "mask"
+            from benchmark.tasks import get_task
+
+            # One mask per class (semantic) takes the entropy rule on per-pixel labels; targets made of
+            # instances take the old model's confident masks.
+            return "mask" if get_task(ctx.task).instance_targets else "entropy"
         return mode
 
     # --- hooks ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .synthetic import DEFAULT_CLASSES, MAX_CLASSES, synth_class
 
 SEMANTIC = "semantic"
 INSTANCE = "instance"
+TASKS = (SEMANTIC, INSTANCE)       # the tasks a protocol can have (each implemented in benchmark/tasks/)
 SYNTHETIC_DATASETS = {"synth": SEMANTIC, "synth-inst": INSTANCE}
 
 
@@ -175,12 +176,13 @@ DATASETS = REAL_DATASETS + tuple(SYNTHETIC_DATASETS)
 
 def synthetic_dataset(task: str = SEMANTIC, num_classes: int = DEFAULT_CLASSES) -> DatasetSpec:
     """The embedded synthetic dataset with ``num_classes`` classes (ids 1..K, 0 = void)."""
-    if task not in (SEMANTIC, INSTANCE):
-        raise ConfigError(f"unknown task {task!r}", hint="use 'semantic' or 'instance'")
+    by_task = {t: name for name, t in SYNTHETIC_DATASETS.items()}
+    if task not in by_task:
+        raise ConfigError(f"unknown task {task!r}", hint=f"use one of {', '.join(map(repr, by_task))}")
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ConfigError(f"the synthetic dataset has 1..{MAX_CLASSES} classes, {num_classes} were asked for",
                           hint=f"choose a split with at most {MAX_CLASSES} classes in total")
-    name = "synth" if task == SEMANTIC else "synth-inst"
+    name = by_task[task]
     ids = tuple(range(1, num_classes + 1))
     names = ClassNames((i, synth_class(i).name) for i in ids)
     return DatasetSpec(name, task, names, ids, None, frozenset({0, 255}))

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from benchmark.errors import ConfigError
 
-from .datasets import INSTANCE, SEMANTIC, SYNTHETIC_DATASETS, ClassNames, DatasetSpec, dataset_spec, synthetic_dataset
+from .datasets import SYNTHETIC_DATASETS, TASKS, ClassNames, DatasetSpec, dataset_spec, synthetic_dataset
 
 MODES = ("overlap", "disjoint")
 
@@ -242,8 +242,8 @@ def _validate(p: Protocol) -> None:
         fail("the name must be a non-empty string")
     if p.mode not in MODES:
         fail(f"mode {p.mode!r} is not one of {MODES}")
-    if p.task not in (SEMANTIC, INSTANCE):
-        fail(f"task {p.task!r} is not 'semantic' or 'instance'")
+    if p.task not in TASKS:
+        fail(f"task {p.task!r} is not one of {', '.join(map(repr, TASKS))}")
     if not p.order or not isinstance(p.order, str):
         fail("the order label must be a non-empty string")
     spec = dataset_spec(p.dataset, p.num_dataset_classes)

@@ -140,7 +140,7 @@ def test_write_step_validates_its_input(tmp_path):
     store = RunStore(tmp_path / "run")
     p = toy_protocol()
     rows = semantic_rows(matrix=matrix_for(0), class_ids=CLASS_IDS, protocol=p, method="m", seed=0, step=0)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="raw output"):
         store.write_step(0, metrics_rows=rows)
     with pytest.raises(ValueError, match="step 0 was passed to write_step\\(1\\)"):
         store.write_step(1, confusion=(matrix_for(0), CLASS_IDS), metrics_rows=rows)
@@ -202,3 +202,28 @@ def test_class_names_are_kept_verbatim(tmp_path):
                                                                                           "class_name": "null"}])
     table = store.read_metrics()
     assert table["class_name"].tolist() == ["NA", "null"] and table["value"].isna().all()
+
+
+def test_task_files_and_folders_are_stored_and_stale_ones_dropped(tmp_path):
+    """A task's own artefacts (files and folders) are written under the step, listed in DONE, and removed
+    when the step is re-written without them; a step needs some raw output."""
+    p = toy_protocol()
+    store = RunStore(tmp_path / "run")
+    rows = semantic_rows(matrix=matrix_for(0), class_ids=CLASS_IDS, protocol=p, method="finetune", seed=0, step=0)
+
+    def fill(folder: Path) -> None:
+        (folder / "a.png").write_bytes(b"png-a")
+        (folder / "b.png").write_bytes(b"png-b")
+
+    folder = store.write_step(0, metrics_rows=rows, files={"panoptic.json": lambda f: f.write(b'{"x": 1}')},
+                              folders={"panoptic": fill})
+    assert json.loads((folder / "panoptic.json").read_text()) == {"x": 1}
+    assert sorted(q.name for q in (folder / "panoptic").iterdir()) == ["a.png", "b.png"]
+    assert {"panoptic.json", "panoptic"} <= set(json.loads((folder / "DONE").read_text())["files"])
+    assert not list(folder.glob(".*tmp*"))
+    # Re-written as a semantic step: the task files of the old version go, the new ones stay.
+    store.write_step(0, metrics_rows=rows, confusion=(matrix_for(0), CLASS_IDS))
+    assert not (folder / "panoptic.json").exists() and not (folder / "panoptic").exists()
+    assert (folder / "confusion.npz").is_file() and store.is_done(0)
+    with pytest.raises(ValueError, match="raw output"):
+        store.write_step(1, metrics_rows=rows)

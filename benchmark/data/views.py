@@ -1,9 +1,9 @@
 """Torch datasets over a reader: the training view of one protocol step and the evaluation view.
 
-Training targets follow protocols.md ("Training targets at step t"): for a semantic dataset one binary
-mask per class of C_t present in the augmented crop (old, future and void pixels belong to no target;
-VOC's background is a target only at step 0, where it is a class of the step); for an instance dataset
-the instances of C_t. ``Target.labels`` are class columns (``protocol.column(id)``), ordered by column.
+Training targets follow protocols.md ("Training targets at step t"); the dataset's task
+(:mod:`benchmark.tasks`) builds them from the reader's sample (semantic: one binary mask per class of C_t
+present in the augmented crop; instance: the instances of C_t). ``Target.labels`` are class columns
+(``protocol.column(id)``), ordered by column.
 
 Augmentation randomness is a pure function of the :class:`SampleKey` (seed, epoch, position in the
 epoch), never of worker ids or global state, so batches do not depend on the number of workers and a
@@ -22,7 +22,7 @@ from benchmark.batch import EvalSample, Target
 from benchmark.errors import ConfigError, DataError
 
 from .selection import step_indices
-from .transforms import AugConfig, augment_instance, augment_semantic, resize_for_test, to_tensor
+from .transforms import AugConfig, resize_for_test, to_tensor
 
 
 # First word of the augmentation seed sequence (numpy zero-pads short seed lists: a salt keeps this
@@ -52,8 +52,10 @@ class TrainView(Dataset):
         if ds.task != protocol.task:
             raise ConfigError(f"protocol {protocol.name} is a {protocol.task} protocol but dataset {ds.name} is "
                               f"{ds.task}", hint="open the dataset named by protocol.dataset")
-        if ds.task == "instance":
-            ds.index_annotations()
+        from benchmark.tasks import get_task
+
+        self.task = get_task(ds.task)
+        self.task.prepare_dataset(ds)
         self.ds = ds
         self.protocol = protocol
         self.step = step
@@ -78,28 +80,9 @@ class TrainView(Dataset):
             key = SampleKey(int(key), position=int(key))
         rng = np.random.default_rng([AUG_SALT, key.seed, key.epoch, key.position])
         i = int(self.indices[key.index])
-        if self.ds.task == "semantic":
-            image, masks, labels = self._semantic(i, rng)
-        else:
-            image, masks, labels = self._instance(i, rng)
+        image, masks, labels = self.task.train_sample(self.ds, i, self.columns, self.aug, rng)
         target = Target(torch.as_tensor(labels, dtype=torch.int64), torch.from_numpy(masks))
         return TrainSample(to_tensor(image), target, self.ds.image_id(i))
-
-    def _semantic(self, i: int, rng: np.random.Generator):
-        image, label = self.ds.load_pair(i)
-        image, label = augment_semantic(image, label, self.classes, self.aug, rng)
-        present = set(np.flatnonzero(np.bincount(label.ravel(), minlength=256)).tolist())
-        classes = [c for c in self.classes if c in present]
-        masks = np.stack([label == c for c in classes]) if classes else np.zeros((0, *label.shape), bool)
-        return image, masks, [self.columns[c] for c in classes]
-
-    def _instance(self, i: int, rng: np.random.Generator):
-        image, instances = self.ds.load(i, classes=self.columns)
-        chosen = sorted((self.columns[c], k) for k, (c, _) in enumerate(instances))
-        labels = np.asarray([column for column, _ in chosen], dtype=np.int64)
-        masks = np.stack([instances[k][1] for _, k in chosen]) if chosen else np.zeros((0, *image.shape[:2]), bool)
-        image, masks, keep = augment_instance(image, masks, self.aug, rng)
-        return image, masks, labels[keep]
 
 
 class EvalView(Dataset):
@@ -110,8 +93,10 @@ class EvalView(Dataset):
     """
 
     def __init__(self, ds, size: int | None, max_size: int | None = None):
-        if ds.task == "instance":
-            ds.index_annotations()
+        from benchmark.tasks import get_task
+
+        self.task = get_task(ds.task)
+        self.task.prepare_dataset(ds)
         self.ds = ds
         self.size = size
         self.max_size = max_size if max_size is not None or size is None else 4 * size
@@ -121,7 +106,6 @@ class EvalView(Dataset):
 
     def __getitem__(self, i: int) -> EvalSample:
         image, target = self.ds.load(int(i))
-        if self.ds.task == "semantic":
-            target = target.astype(np.int64)
+        target = self.task.eval_target(target)
         pixels = to_tensor(resize_for_test(image, self.size, self.max_size))
         return EvalSample(pixels, self.ds.image_id(int(i)), tuple(image.shape[:2]), target)

@@ -24,6 +24,7 @@ import pandas as pd
 from benchmark.errors import ConfigError, DataError
 from benchmark.metrics.continual import average_incremental, forgetting_per_class, mean_forgetting
 from benchmark.metrics.groups import GROUPS, VOC_BACKGROUND, check_voc_background, group_member, range_label
+from benchmark.tasks import task_for_metric
 
 from .bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapConfig
 
@@ -133,9 +134,9 @@ def prepare(df: pd.DataFrame, options: ReportOptions = ReportOptions()) -> pd.Da
                         f"class {r['class_id']}", hint="delete that run's metrics.csv and resume the run to rebuild it")
     for protocol, rows in df.groupby("protocol"):
         _check_class_steps(protocol, rows)
-        metrics = set(rows["metric"])
-        if "iou" in metrics and "ap" in metrics:
-            raise DataError(f"protocol {protocol} has both semantic (iou) and instance (ap) rows",
+        tasks = sorted({task_for_metric(m).name for m in set(rows["metric"])})
+        if len(tasks) > 1:
+            raise DataError(f"protocol {protocol} has rows of several tasks ({', '.join(tasks)})",
                             hint="keep runs of one task per protocol name")
     final = df.groupby("protocol")["class_step"].max()
     joint = df["method"] == JOINT
@@ -159,10 +160,11 @@ def protocol_layouts(df: pd.DataFrame, options: ReportOptions = ReportOptions())
         fg = classes[classes["class_id"] != VOC_BACKGROUND] if has_bg else classes
         n_base, n_all = int((fg["class_step"] == 0).sum()), len(fg)
         first = 0 if has_bg and options.voc_background == "base" else 1
-        metric = "iou" if (rows["metric"] == "iou").any() else "ap"
+        task = task_for_metric(rows["metric"].iloc[0])
+        metric = task.primary_metric
         final = int(classes["class_step"].max())
         layouts[protocol] = ProtocolLayout(
-            name=protocol, task="semantic" if metric == "iou" else "instance", final_step=final, metric=metric,
+            name=protocol, task=task.name, final_step=final, metric=metric,
             base_label=range_label([first, n_base]),
             novel_label=range_label(list(range(n_base + 1, n_all + 1))) if final > 0 else "",
             has_background=has_bg)
