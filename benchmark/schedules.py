@@ -112,6 +112,20 @@ _COCO = {
     "coco-60-20": (_C0, replace(_C0, iterations=180_000, batch_size=2)),
 }
 _COCO_JOINT = _C0
+# ADE20K panoptic: CoMFormer (CVPR 2023) configs/ade20k/panoptic-segmentation/maskformer2_R50_bs16_160k.yaml
+# and scripts/adps*.sh (reference baselines section 7): R50, step 0 160k it at lr 1e-4 with batch 8 (its
+# offline run MxF_BS8), crop 640, test short side 640; increments at CoMFormer's semantic rate of 400 it per
+# new class, lr 5e-5. ECLIPSE's and BalConpas's ADE-PS step 0 is the same 160k / 1e-4 / 8 / 640 (reference
+# eclipse-balconpas A8, B9); their 50-x step 0 is 80k (ECLIPSE) -- the shared schedule keeps 160k for every
+# base, as CoMFormer's configs do.
+_ADE_PAN0 = StepSchedule(160_000, 8, 1e-4, 640, 640)
+_ADE_PAN_JOINT = _ADE_PAN0
+# COCO panoptic: only ECLIPSE publishes continual COCO panoptic (script/coco_ps/*.sh: step 0 240k it, lr 1e-4,
+# batch 16, no crop -- detectron2's 800 x 1333 resize, for which the 1024 crop of the COCO rows stands in).
+# Its increments (8k / 32k at lr 5e-4) train prompts only; a method that trains the whole model gets
+# CoMFormer's 400 it per new class at lr 5e-5 instead (83-5: 2k, 83-10: 4k per step).
+_COCO_PAN0 = StepSchedule(240_000, 16, 1e-4, 1024, 800)
+_COCO_PAN_JOINT = _COCO_PAN0
 
 
 def _base_name(protocol) -> str:
@@ -119,10 +133,11 @@ def _base_name(protocol) -> str:
     return protocol.name.split("@")[0].replace("-disjoint", "").split("~")[0]
 
 
-def _ade_semantic(protocol, lr_inc: float) -> tuple[StepSchedule, StepSchedule]:
+def _ade_semantic(protocol, lr_inc: float, step0: StepSchedule = _ADE0) -> tuple[StepSchedule, StepSchedule]:
+    """Step 0 and increments at CoMFormer's 400 iterations per new class (``step0``'s batch and crop)."""
     inc_classes = len(protocol.steps[1]) if protocol.num_steps > 1 else 1
-    inc = replace(_ADE0, iterations=_ADE_INC_PER_CLASS * inc_classes, lr=lr_inc)
-    return _ADE0, inc
+    inc = replace(step0, iterations=_ADE_INC_PER_CLASS * inc_classes, lr=lr_inc)
+    return step0, inc
 
 
 def get_schedule(name: str, protocol) -> Schedule:
@@ -133,7 +148,7 @@ def get_schedule(name: str, protocol) -> Schedule:
         raise ConfigError(f"unknown schedule {name!r}", hint=f"choose one of {', '.join(SCHEDULE_NAMES)}")
     dataset = protocol.dataset
     key = _base_name(protocol)
-    if dataset in ("synth", "synth-inst"):
+    if dataset.startswith("synth"):
         raise ConfigError(f"the {name!r} schedule is for real datasets; {protocol.name} is synthetic",
                           hint="use --schedule cpu (the default without CUDA)")
     if dataset == "ade":
@@ -146,6 +161,15 @@ def get_schedule(name: str, protocol) -> Schedule:
         step0, inc = _ade_semantic(protocol, lr_inc=5e-5)
         return Schedule(name, step0, inc, _ADE_JOINT,
                         "CoMFormer ADE semantic (160k base; 400 it per new class; lr 5e-5)")
+    if dataset in ("ade-pan", "coco-pan"):
+        step0, joint, source = {
+            "ade-pan": (_ADE_PAN0, _ADE_PAN_JOINT, "CoMFormer ADE panoptic (R50, 160k base, batch 8, crop 640; "
+                                                  "400 it per new class; lr 5e-5)"),
+            "coco-pan": (_COCO_PAN0, _COCO_PAN_JOINT, "ECLIPSE COCO panoptic base (240k, batch 16); CoMFormer's "
+                                                      "400 it per new class, lr 5e-5"),
+        }[dataset]
+        step0, inc = _ade_semantic(protocol, lr_inc=5e-5, step0=step0)
+        return Schedule(name, step0, inc, joint, source)
     table, joint, source = {
         "voc": (_VOC, _VOC_JOINT, "CisDQ configs/voc (reference cisdq section 4.2)"),
         "ade-inst": (_ADE_INST, _ADE_INST_JOINT, "CisDQ configs/ade20k-instance (reference cisdq 4.2)"),
