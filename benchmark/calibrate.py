@@ -35,7 +35,8 @@ import pandas as pd
 from tabulate import tabulate
 
 from benchmark.errors import DataError, UserError
-from benchmark.report.summary import JOINT, ReportOptions, prepare, run_scores
+from benchmark.report.summary import JOINT, PRIMARY, SUMMARY_METRIC, ReportOptions, prepare, run_scores
+from benchmark.tasks import task_for_metric
 from benchmark.store import load_results
 
 FINETUNE = "finetune"
@@ -69,7 +70,8 @@ def calibration(df: pd.DataFrame, targets: Targets = Targets()) -> list[Quantity
     """The calibration quantities of every protocol of a raw long table (``store.load_results``)."""
     prepared = prepare(df, ReportOptions(plots=False))
     scores = run_scores(prepared)
-    metric = {p: ("miou" if (rows["metric"] == "iou").any() else "ap") for p, rows in prepared.groupby("protocol")}
+    metric = {p: SUMMARY_METRIC[task_for_metric(rows["metric"].iloc[0]).primary_metric]
+              for p, rows in prepared.groupby("protocol")}
     out: list[Quantity] = []
     for protocol in sorted(prepared["protocol"].unique()):
         rows = prepared[prepared["protocol"] == protocol]
@@ -104,7 +106,7 @@ def _convergence(protocol: str, sc: pd.DataFrame, targets: Targets) -> Quantity:
 
 
 def _plasticity(protocol: str, rows: pd.DataFrame, final: int, targets: Targets) -> Quantity:
-    value_rows = rows[rows["metric"].isin(["iou", "ap"]) & rows["value"].notna()]
+    value_rows = rows[rows["metric"].isin(list(PRIMARY.values())) & rows["value"].notna()]
     joint = value_rows[value_rows["method"] == JOINT]
     ft = value_rows[value_rows["method"] == FINETUNE]
     worst = None

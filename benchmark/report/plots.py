@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from benchmark.tasks import get_task
+
 from .summary import JOINT, METHOD_ORDER, ProtocolLayout, method_order
 from .tables import METRIC_LABEL, display_name
 
@@ -121,7 +123,7 @@ def plot_heatmap(rows: pd.DataFrame, layout: ProtocolLayout, method: str, path: 
                   fontsize=font)
     ax.set_xlabel("step" if method != JOINT else "step (joint's single step, shown as the final one)")
     ax.set_ylabel("class (in order of introduction)")
-    per_class = "IoU" if layout.metric == "iou" else "AP"
+    per_class = get_task(layout.task).per_class_label
     ax.set_title(f"{display_name(method)} on {layout.name}: per-class {per_class} (%)\n"
                  f"grey = not learned yet, white = no ground truth", fontsize=10)
     if n_cls <= 40:

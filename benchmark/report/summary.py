@@ -24,15 +24,16 @@ import pandas as pd
 from benchmark.errors import ConfigError, DataError
 from benchmark.metrics.continual import average_incremental, forgetting_per_class, mean_forgetting
 from benchmark.metrics.groups import GROUPS, VOC_BACKGROUND, check_voc_background, group_member, range_label
-from benchmark.tasks import task_for_metric
+from benchmark.tasks import TASKS, task_for_metric
 
 from .bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, BootstrapConfig
 
 JOINT = "joint"
-PRIMARY = {"semantic": "iou", "instance": "ap"}
-# long-table metric -> summary metric (per-class IoU averages to mIoU; AP keeps its name)
-SUMMARY_METRIC = {"iou": "miou", "ap": "ap", "ap50": "ap50", "ap75": "ap75"}
-METRIC_ORDER = ("miou", "ap", "ap50", "ap75", "forgetting", "avg_incremental")
+# Derived from the task registry (benchmark.tasks): each task's primary long-table metric, and long-table
+# metric -> summary metric (per-class IoU averages to mIoU; AP keeps its name).
+PRIMARY = {task.name: task.primary_metric for task in TASKS.values()}
+SUMMARY_METRIC = {m: s for task in TASKS.values() for m, s in task.summary_metrics.items()}
+METRIC_ORDER = tuple(SUMMARY_METRIC.values()) + ("forgetting", "avg_incremental")
 METHOD_ORDER = ("finetune", "mib", "plop", "comformer", "cisdq", "cisdq-kl")
 SUMMARY_COLUMNS = ["protocol", "method", "step", "group", "metric", "mean", "std", "n_seeds"]
 CI_COLUMNS = ["ci_low", "ci_high", "ci_source"]
@@ -100,7 +101,7 @@ class ProtocolLayout:
     name: str
     task: str
     final_step: int
-    metric: str                 # primary long-table metric: "iou" or "ap"
+    metric: str                 # primary long-table metric of its task: "iou", "ap", ...
     base_label: str             # "1-100", "0-15"
     novel_label: str            # "101-150", "" when the protocol has a single step
     has_background: bool
@@ -207,7 +208,7 @@ def _continual_scores(prepared: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFr
     for (protocol, method, seed), run in prepared[prepared["method"] != JOINT].groupby(
             ["protocol", "method", "seed"], sort=False):
         t_final = int(final[protocol])
-        metric = "iou" if (run["metric"] == "iou").any() else "ap"
+        metric = task_for_metric(run["metric"].iloc[0]).primary_metric
         run = run[run["metric"] == metric]
         if t_final == 0 or t_final not in set(run["step"]):
             continue

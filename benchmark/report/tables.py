@@ -25,12 +25,14 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from benchmark.tasks import TASKS
+
 from .orders import DEFAULT_ORDER, order_name, splits_with_orders
 from .summary import JOINT, ProtocolLayout, ReportOptions, method_order
 
 DISPLAY_NAMES = {"finetune": "Fine-tuning", "joint": "Joint", "mib": "MiB", "plop": "PLOP",
                  "comformer": "CoMFormer", "cisdq": "CisDQ", "cisdq-kl": "CisDQ (KL)"}
-METRIC_LABEL = {"miou": "mIoU", "ap": "AP"}
+METRIC_LABEL = {m: label for task in TASKS.values() for m, label in task.metric_labels.items()}
 TIE = "†"
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}

@@ -66,10 +66,15 @@ class Task(ABC):
         not one mask per class; methods that build pseudo-labels choose their form by it (PLOP: "mask").
     eval_options: the dataclass of its ``--set eval.KEY=VALUE`` options (recorded in run.json's config
         "eval"), or None when it has none.
+    summary_metrics: long-table metric -> the name of its class mean in the report (IoU -> "miou").
+    metric_labels: summary metric -> its label in tables and plots; per_class_label: the per-class score's.
     """
 
     name: str = ""
     metrics: tuple[str, ...] = ()
+    summary_metrics: Mapping[str, str] = {}
+    metric_labels: Mapping[str, str] = {}
+    per_class_label: str = ""
     instance_targets: bool = False
     eval_options: type | None = None
 

@@ -24,6 +24,9 @@ from .base import EvalResult, Evaluator, Task
 class InstanceTask(Task):
     name = "instance"
     metrics = ("ap", "ap50", "ap75")
+    summary_metrics = {"ap": "ap", "ap50": "ap50", "ap75": "ap75"}
+    metric_labels = {"ap": "AP", "ap50": "AP50", "ap75": "AP75"}
+    per_class_label = "AP"
     instance_targets = True
     eval_options = None
 

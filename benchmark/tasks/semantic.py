@@ -58,6 +58,9 @@ class SemanticInference:
 class SemanticTask(Task):
     name = "semantic"
     metrics = ("iou",)
+    summary_metrics = {"iou": "miou"}
+    metric_labels = {"miou": "mIoU"}
+    per_class_label = "IoU"
     instance_targets = False
     eval_options = SemanticInference
 
