@@ -88,7 +88,7 @@ class Resolved:
 
 
 def resolve(spec: RunSpec) -> Resolved:
-    from benchmark.data import AugConfig, LoaderConfig, SynthSpec
+    from benchmark.data import AugConfig, LoaderConfig
     from benchmark.engine.optim import TrainConfig
     from benchmark.engine.presets import get_preset
     from benchmark.schedules import get_schedule
@@ -119,8 +119,7 @@ def resolve(spec: RunSpec) -> Resolved:
                                                               if k in AugConfig.__dataclass_fields__}, "data")
     loader = apply_overrides(LoaderConfig(), {k: v for k, v in ov.get("data", {}).items()
                                              if k not in AugConfig.__dataclass_fields__}, "data")
-    synth = apply_overrides(SynthSpec(num_classes=protocol.num_dataset_classes) if protocol.dataset.startswith("synth")
-                            else SynthSpec(), ov.get("synth", {}), "synth")
+    synth = apply_overrides(synth_spec(protocol), ov.get("synth", {}), "synth")
     from benchmark.engine.criterion import SetCriterion
 
     criterion = apply_overrides(SetCriterion(num_points=preset.train_num_points), ov.get("loss", {}), "loss")
@@ -140,11 +139,22 @@ def resolve(spec: RunSpec) -> Resolved:
     if eval_options is not None:
         config["eval"] = to_jsonable(eval_options)
     if protocol.dataset.startswith("synth"):
-        config["synth"] = to_jsonable(synth)
+        config["synth"] = to_jsonable(synth.to_config())
     else:
         config["data_root"] = str(Path(spec.data_root).resolve())
     return Resolved(spec, protocol, train_protocol, method, schedule, preset, train, aug, loader, synth,
                     criterion, json.loads(json.dumps(config)), eval_options)
+
+
+def synth_spec(protocol):
+    """The synthetic dataset a protocol reads: K classes; synth-pan's K // 5 of them stuff."""
+    from benchmark.data import SynthSpec
+    from protocols.synthetic import default_stuff_classes
+
+    if not protocol.dataset.startswith("synth"):
+        return SynthSpec()
+    k = protocol.num_dataset_classes
+    return SynthSpec(num_classes=k, stuff_classes=default_stuff_classes(k) if protocol.dataset == "synth-pan" else 0)
 
 
 # ---- datasets -------------------------------------------------------------------------------------

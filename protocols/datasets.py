@@ -21,19 +21,22 @@ readers use).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from functools import lru_cache
 from types import MappingProxyType
 
 from benchmark.errors import ConfigError
 
-from .synthetic import DEFAULT_CLASSES, MAX_CLASSES, synth_class
+from .synthetic import DEFAULT_CLASSES, MAX_CLASSES, default_stuff_classes, stuff_ids, stuff_look, synth_class
 
 SEMANTIC = "semantic"
 INSTANCE = "instance"
-TASKS = (SEMANTIC, INSTANCE)       # the tasks a protocol can have (each implemented in benchmark/tasks/)
-SYNTHETIC_DATASETS = {"synth": SEMANTIC, "synth-inst": INSTANCE}
+PANOPTIC = "panoptic"
+TASKS = (SEMANTIC, INSTANCE, PANOPTIC)   # the tasks a protocol can have (each implemented in benchmark/tasks/)
+SYNTHETIC_DATASETS = {"synth": SEMANTIC, "synth-inst": INSTANCE, "synth-pan": PANOPTIC}
 
 
 class ClassNames(Mapping[int, str]):
@@ -88,6 +91,7 @@ class DatasetSpec:
     default_order: tuple[int, ...]
     background: int | None
     ignore_ids: frozenset[int]
+    thing_ids: frozenset[int] = frozenset()     # panoptic: the 'thing' classes (the others are 'stuff')
 
     @property
     def class_ids(self) -> tuple[int, ...]:
@@ -167,10 +171,50 @@ def _real_datasets() -> Mapping[str, DatasetSpec]:
         "ade-inst": DatasetSpec("ade-inst", INSTANCE, ade_names.subset(ADE_THING_IDS), ADE_THING_IDS, None,
                                 frozenset({0, 255})),
         "coco": DatasetSpec("coco", INSTANCE, ClassNames(COCO_NAMES), COCO_CISDQ_ORDER, None, frozenset({0, 255})),
+        # ADE20K panoptic (Mask2Former's prepare_ade20k_pan_seg.py): the 150 SceneParse classes, the 100 of
+        # ADE20K-instance are things; default order 1..150 (CoMFormer, ECLIPSE, BalConpas).
+        "ade-pan": DatasetSpec("ade-pan", PANOPTIC, ade_names, tuple(range(1, 151)), None, frozenset({0}),
+                               frozenset(ADE_THING_IDS)),
+        # COCO panoptic: the 133 categories of panopticapi's panoptic_coco_categories.json (80 things, 53
+        # stuff); default order ECLIPSE's order "c" (the only continual COCO panoptic protocol published).
+        "coco-pan": DatasetSpec("coco-pan", PANOPTIC, ClassNames((c["id"], c["name"]) for c in coco_panoptic_categories()),
+                                coco_panoptic_order(), None, frozenset({0}),
+                                frozenset(c["id"] for c in coco_panoptic_categories() if c["isthing"])),
     })
 
 
-REAL_DATASETS = ("voc", "ade", "ade-inst", "coco")
+@lru_cache(maxsize=1)
+def coco_panoptic_categories() -> tuple[dict, ...]:
+    """COCO 2017 panoptic categories (id, name, isthing) in panopticapi's order (80 things by id, then 53 stuff).
+
+    Data copied from cocodataset/panopticapi ``panoptic_coco_categories.json`` (the ids and names of the
+    COCO panoptic annotations) into ``protocols/coco_panoptic_categories.json``.
+    """
+    text = resources.files("protocols").joinpath("coco_panoptic_categories.json").read_text()
+    return tuple(json.loads(text))
+
+
+# ECLIPSE's COCO panoptic order "c" (clovaai/ECLIPSE configs/coco/panoptic-segmentation/continual_c.yaml,
+# CONT.ORDER): value v = the v-th (1-based) category of coco_panoptic_categories(). 83-10 / 83-5 split it as
+# 83 + 5 x 10 / 83 + 10 x 5. The literal code reads v as detectron2's 0-based contiguous id, which shifts
+# every class by one and never trains 'person' (reference eclipse-balconpas A9): the harness uses the
+# 1-based reading the authors intended (their config comment "NUM_CLASSES 134 # ADD BKG!").
+ECLIPSE_COCO_ORDER_C = (
+    1, 3, 10, 47, 58, 9, 88, 16, 126, 120, 17, 129, 35, 119, 59, 57, 54, 90, 75, 38, 80, 48, 131, 56, 95, 25, 43, 2,
+    68, 110, 32, 14, 29, 11, 7, 52, 83, 102, 84, 73, 5, 45, 117, 93, 87, 46, 118, 34, 61, 19, 77, 111, 63, 98, 130,
+    66, 79, 97, 33, 86, 127, 104, 64, 49, 36, 6, 91, 50, 112, 8, 65, 132, 92, 27, 122, 22, 51, 85, 115, 28, 89, 70,
+    62, 12, 101, 108, 125, 123, 39, 81, 20, 40, 41, 114, 128, 74, 18, 99, 100, 60, 30, 124, 69, 37, 13, 23, 116,
+    55, 26, 121, 71, 67, 106, 133, 42, 107, 105, 109, 82, 103, 76, 94, 24, 15, 78, 53, 21, 96, 72, 113, 44, 31, 4,
+)
+
+
+def coco_panoptic_order() -> tuple[int, ...]:
+    """ECLIPSE's order "c" as native COCO category ids."""
+    cats = coco_panoptic_categories()
+    return tuple(int(cats[v - 1]["id"]) for v in ECLIPSE_COCO_ORDER_C)
+
+
+REAL_DATASETS = ("voc", "ade", "ade-inst", "coco", "ade-pan", "coco-pan")
 DATASETS = REAL_DATASETS + tuple(SYNTHETIC_DATASETS)
 
 
@@ -184,6 +228,12 @@ def synthetic_dataset(task: str = SEMANTIC, num_classes: int = DEFAULT_CLASSES) 
                           hint=f"choose a split with at most {MAX_CLASSES} classes in total")
     name = by_task[task]
     ids = tuple(range(1, num_classes + 1))
+    if task == PANOPTIC:
+        # synth-pan: one class in five is stuff (protocols.synthetic.stuff_ids), the rest things.
+        stuff = stuff_ids(num_classes, default_stuff_classes(num_classes)) if num_classes > 1 else ()
+        names = ClassNames((i, stuff_look(num_classes, len(stuff), i)[0] if i in stuff else synth_class(i).name)
+                           for i in ids)
+        return DatasetSpec(name, task, names, ids, None, frozenset({0}), frozenset(ids) - frozenset(stuff))
     names = ClassNames((i, synth_class(i).name) for i in ids)
     return DatasetSpec(name, task, names, ids, None, frozenset({0, 255}))
 

@@ -6,7 +6,7 @@ Grammar (protocols.md), case-insensitive::
     <dataset>-joint[@<order>]             (alias <dataset>-offline: one step with every class)
     <dataset>-<s0>-<s1>-<s2>...           (explicit step sizes, e.g. voc-10-5-5; must add up to the dataset)
 
-- datasets: voc, ade, ade-inst, coco, synth, synth-inst. ``base`` classes are learned at step 0, then
+- datasets: voc, ade, ade-inst, coco, ade-pan, coco-pan, synth, synth-inst, synth-pan. ``base`` classes are learned at step 0, then
   ``increment`` classes per step until the dataset is exhausted; a combination that does not divide the
   remaining classes is refused. VOC counts the 20 object classes; its background 0 is always added to
   step 0.
@@ -57,12 +57,16 @@ TABLE = (
     "ade-100-50", "ade-100-10", "ade-100-5", "ade-50-50", "ade-50-10", "ade-50-20",
     "ade-inst-50-50", "ade-inst-50-10", "ade-inst-50-5", "ade-inst-25-25",
     "coco-40-40", "coco-40-20", "coco-40-8", "coco-40-4", "coco-60-20",
+    # Continual panoptic (CoMFormer, ECLIPSE, BalConpas, SimCIS: ADE20K 100-x / 50-x; ECLIPSE: COCO 83-x).
+    "ade-pan-100-50", "ade-pan-100-10", "ade-pan-100-5", "ade-pan-50-50", "ade-pan-50-20", "ade-pan-50-10",
+    "coco-pan-83-10", "coco-pan-83-5",
 )
 # VOC is reported in both modes by MiB and PLOP.
 VOC_DISJOINT = ("voc-19-1-disjoint", "voc-15-5-disjoint", "voc-15-1-disjoint", "voc-10-1-disjoint",
                 "voc-10-5-5-disjoint")
 SYNTHETIC_EXAMPLES = ("synth-10-2", "synth-10-5", "synth-10-10", "synth-15-5",
-                      "synth-inst-10-2", "synth-inst-10-5", "synth-inst-10-10")
+                      "synth-inst-10-2", "synth-inst-10-5", "synth-inst-10-10",
+                      "synth-pan-10-2", "synth-pan-10-5", "synth-pan-10-10")
 
 # Other spellings of a split (MiB/PLOP task names) -> canonical split name.
 SPLIT_ALIASES: Mapping[str, str] = {
@@ -72,7 +76,7 @@ SPLIT_ALIASES: Mapping[str, str] = {
 }
 JOINT_WORDS = ("joint", "offline")
 
-_DATASET_RE = re.compile(r"^(?P<dataset>ade-inst|synth-inst|voc|ade|coco|synth)-(?P<rest>.+)$")
+_DATASET_RE = re.compile(r"^(?P<dataset>ade-inst|ade-pan|coco-pan|synth-inst|synth-pan|voc|ade|coco|synth)-(?P<rest>.+)$")
 _SIZES_RE = re.compile(r"^\d+(?:-\d+)+$")
 _MODE_RE = re.compile(r"^(?P<split>.+?)(?:-(?P<mode>disjoint|overlap))?$")
 _ORDER_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")

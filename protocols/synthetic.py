@@ -61,3 +61,37 @@ def synth_classes(num_classes: int = DEFAULT_CLASSES) -> tuple[SynthClass, ...]:
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"the synthetic dataset has 1..{MAX_CLASSES} classes, got {num_classes}")
     return tuple(synth_class(i) for i in range(1, num_classes + 1))
+
+
+# ---- 'stuff' of the panoptic variant (synth-pan) ----------------------------------------------------
+# Amorphous regions with a muted colour and a texture of their own, unlike any thing's saturated fill:
+# (name, RGB, texture) with texture one of "noise", "waves", "blotches", "smooth".
+STUFF_LOOKS = (
+    ("grass", (95, 140, 70), "noise"),
+    ("sky", (125, 165, 215), "smooth"),
+    ("sand", (205, 185, 130), "blotches"),
+    ("rock", (115, 110, 105), "waves"),
+    ("water", (60, 95, 140), "waves"),
+    ("soil", (120, 85, 55), "noise"),
+    ("snow", (225, 228, 232), "smooth"),
+    ("brick", (160, 75, 60), "blotches"),
+)
+PANOPTIC_STUFF_FRACTION = 5     # synth-pan: one class in five is stuff (K = 20 -> 4 stuff, 16 things)
+
+
+def default_stuff_classes(num_classes: int) -> int:
+    """How many of the K classes of ``synth-pan`` are stuff: K // 5 (at least 1, at most len(STUFF_LOOKS))."""
+    return max(1, min(len(STUFF_LOOKS), num_classes // PANOPTIC_STUFF_FRACTION))
+
+
+def stuff_ids(num_classes: int, num_stuff: int) -> tuple[int, ...]:
+    """The stuff class ids among 1..K, spread evenly so that every split has stuff in its base and its
+    increments as ADE20K panoptic has (K = 20, 4 stuff: 5, 10, 15, 20)."""
+    if not 0 <= num_stuff < num_classes or num_stuff > len(STUFF_LOOKS):
+        raise ValueError(f"{num_stuff} stuff classes among {num_classes} (at most {len(STUFF_LOOKS)}, fewer than K)")
+    return tuple(round(num_classes * (j + 1) / num_stuff) for j in range(num_stuff)) if num_stuff else ()
+
+
+def stuff_look(num_classes: int, num_stuff: int, class_id: int) -> tuple[str, tuple[int, int, int], str]:
+    """(name, RGB, texture) of stuff class ``class_id`` of a K-class synth-pan dataset."""
+    return STUFF_LOOKS[stuff_ids(num_classes, num_stuff).index(class_id)]

@@ -1,9 +1,10 @@
 """``open_dataset``: one entry point for every reader.
 
-Every dataset object offers ``name``, ``split``, ``task`` ("semantic" | "instance"), ``len(ds)``,
-``image_id(i)``, ``image_path(i)``, ``classes_in(i)``, ``load(i)``, ``load_image(i)``, ``class_ids``
-and ``fingerprint``; semantic datasets add ``load_label(i)`` (uint8 native ids), instance datasets
-``load_target(i)``, ``class_names`` and ``coco_json_path``.
+Every dataset object offers ``name``, ``split``, ``task`` ("semantic" | "instance" | "panoptic"),
+``len(ds)``, ``image_id(i)``, ``image_path(i)``, ``classes_in(i)``, ``load(i)``, ``load_image(i)``,
+``class_ids`` and ``fingerprint``; semantic datasets add ``load_label(i)`` (uint8 native ids), instance
+datasets ``load_target(i)``, ``class_names`` and ``coco_json_path``, panoptic datasets ``load_target(i)``
+(a PanopticTarget), ``categories``, ``thing_ids``, ``json_path`` and ``png_dir``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from .cache import cache_root
 from .coco import open_coco
 from .instance import CocoFormatDataset
 from .semantic import SemanticDataset
-from .synth import SynthSpec, ensure_synth
+from .panoptic import PanopticDataset, open_panoptic
+from .synth import SynthSpec, ensure_synth, panoptic_paths
 from .voc import open_voc
 
-DATASETS = ("voc", "ade", "ade-inst", "coco", "synth", "synth-inst")
+DATASETS = ("voc", "ade", "ade-inst", "coco", "ade-pan", "coco-pan", "synth", "synth-inst", "synth-pan")
 SPLITS = ("train", "val")
 ROOT_ENV = "DETECTRON2_DATASETS"
 
@@ -62,6 +64,8 @@ def open_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
         return open_ade(root, split, cache_dir)
     if name == "ade-inst":
         return open_ade_instance(root, split, cache_dir)
+    if name in ("ade-pan", "coco-pan"):
+        return open_panoptic(name, root, split, cache_dir)
     return open_coco(root, split, cache_dir)
 
 
@@ -79,6 +83,13 @@ def _open_synth(name, root, split, spec, cache_dir, progress, options):
     k = spec.num_classes
     if name == "synth":
         return open_ade(folder, split, cache_dir, num_classes=k, name="synth", dataset="synth")
+    if name == "synth-pan":
+        if not spec.panoptic:
+            raise ConfigError("synth-pan needs a SynthSpec with stuff_classes > 0",
+                              hint="pass stuff_classes=protocols.synthetic.default_stuff_classes(K)")
+        json_path, png_dir, image_dir = panoptic_paths(folder, split)
+        return PanopticDataset("synth-pan", split, json_path, png_dir, image_dir, cache_dir=cache_dir,
+                               prepare_hint=f"delete {folder} to regenerate the synthetic dataset")
     base = folder / "ADEChallengeData2016"
     json_path = base / f"synth_instance_{split}.json"
     image_dir = base / "images" / ("training" if split == "train" else "validation")

@@ -43,7 +43,7 @@ from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 from benchmark.errors import ConfigError
-from protocols.synthetic import MAX_CLASSES, SynthClass, synth_class
+from protocols.synthetic import MAX_CLASSES, STUFF_LOOKS, SynthClass, stuff_ids, stuff_look, synth_class
 
 from .ade import FOLDER, SPLIT_DIRS
 from .cache import cache_root, digest
@@ -76,6 +76,10 @@ class SynthSpec:
     # model; the first version (up to 4 things of 0.12-0.32 x the short side) was not.
     max_things: int = 3
     thing_scale: tuple[float, float] = (0.25, 0.5)
+    # synth-pan: how many of the K classes are 'stuff' (protocols.synthetic.stuff_ids); 0 = the semantic /
+    # instance dataset, whose stuff is void. Left out of the cache key and the run config when 0, so those
+    # datasets (and results) are unchanged by the field's existence.
+    stuff_classes: int = 0
 
     def __post_init__(self):
         if not 1 <= self.num_classes <= MAX_CLASSES:
@@ -92,14 +96,29 @@ class SynthSpec:
         lo, hi = self.thing_scale
         if not 0.03 <= lo <= hi <= 0.5:
             raise ConfigError(f"synth.thing_scale must satisfy 0.03 <= low <= high <= 0.5, got {self.thing_scale}")
+        if not 0 <= self.stuff_classes <= min(len(STUFF_LOOKS), self.num_classes - 1):
+            raise ConfigError(f"synth.stuff_classes must be 0..{min(len(STUFF_LOOKS), self.num_classes - 1)}, "
+                              f"got {self.stuff_classes}")
 
     def images(self, split: str) -> int:
         return self.train_images if split == "train" else self.val_images
 
     @property
+    def panoptic(self) -> bool:
+        return self.stuff_classes > 0
+
+    def to_config(self) -> dict:
+        """The spec's fields, ``stuff_classes`` only when set (see the field)."""
+        fields = asdict(self)
+        if not self.stuff_classes:
+            del fields["stuff_classes"]
+        return fields
+
+    @property
     def folder_name(self) -> str:
-        return f"synth-v{GENERATOR_VERSION}-k{self.num_classes}-s{self.seed}-" \
-               f"{digest(GENERATOR_VERSION, asdict(self))[:10]}"
+        prefix = "synth-pan" if self.panoptic else "synth"
+        return f"{prefix}-v{GENERATOR_VERSION}-k{self.num_classes}-s{self.seed}-" \
+               f"{digest(GENERATOR_VERSION, self.to_config())[:10]}"
 
 
 # ---- drawing ----------------------------------------------------------------------------------------
@@ -217,11 +236,24 @@ def draw_image(spec: SynthSpec, split: str, index: int) -> tuple[np.ndarray, np.
     height = int(rng.integers(spec.min_size, spec.max_size + 1))
     width = int(rng.integers(spec.min_size, spec.max_size + 1))
     image = stuff_background(height, width, rng)
+    instances = _draw_things(spec, image, rng, int(deck[index % k_classes]),
+                             lambda: int(rng.integers(1, k_classes + 1)))
+    image = _finish(image, rng)
+    labels = np.zeros((height, width), np.uint8)
+    for class_id, visible in instances:
+        labels[visible] = class_id
+    return image, labels, instances
+
+
+def _draw_things(spec: SynthSpec, image: np.ndarray, rng: np.random.Generator, first_class: int,
+                 draw_class) -> list[tuple[int, np.ndarray]]:
+    """Draw 1..max_things things onto ``image`` (in place); [(class id, visible mask)] in drawing order."""
+    height, width = image.shape[:2]
     owner = np.zeros((height, width), np.int32)            # 1-based thing index of the visible thing
     things: list[tuple[int, int]] = []                      # (class id, full area)
     count = int(rng.choice([1, 2, 3, 4], p=[0.2, 0.35, 0.3, 0.15]))
     for n in range(min(count, spec.max_things)):
-        class_id = int(deck[index % k_classes]) if n == 0 else int(rng.integers(1, k_classes + 1))
+        class_id = first_class if n == 0 else draw_class()
         cls = synth_class(class_id)
         for _ in range(12):
             r = rng.uniform(*spec.thing_scale) * min(height, width)
@@ -239,15 +271,76 @@ def draw_image(spec: SynthSpec, split: str, index: int) -> tuple[np.ndarray, np.
         image[mask] = thing_fill(cls, height, width, cy - r, r, rng)[mask]
         things.append((class_id, area))
         owner[mask] = len(things)
+    return [(class_id, owner == j + 1) for j, (class_id, _) in enumerate(things)]
+
+
+def _finish(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     image += rng.normal(0, 3, image.shape)
-    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    labels = np.zeros((height, width), np.uint8)
-    instances = []
-    for j, (class_id, _) in enumerate(things):
-        visible = owner == j + 1
-        labels[visible] = class_id
-        instances.append((class_id, visible))
-    return image, labels, instances
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def stuff_classes_background(spec: SynthSpec, height: int, width: int,
+                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """synth-pan's background: 2-3 Voronoi regions, each of a stuff class drawn uniformly, painted with the
+    class's colour and texture (protocols.synthetic.STUFF_LOOKS). Returns (HxWx3 float image, HxW class map)."""
+    ids = stuff_ids(spec.num_classes, spec.stuff_classes)
+    n = int(rng.integers(2, 4))
+    seeds = rng.uniform(0, 1, (n, 2)) * (height, width)
+    classes = [ids[int(rng.integers(0, len(ids)))] for _ in range(n)]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    dist = (yy[None] - seeds[:, 0, None, None]) ** 2 + (xx[None] - seeds[:, 1, None, None]) ** 2
+    region = dist.argmin(0)
+    out = np.empty((height, width, 3), np.float32)
+    class_map = np.zeros((height, width), np.int64)
+    for k, class_id in enumerate(classes):
+        _, rgb, kind = stuff_look(spec.num_classes, spec.stuff_classes, class_id)
+        base = np.asarray(rgb, np.float32) * rng.uniform(0.92, 1.08)
+        if kind == "noise":
+            texture = rng.normal(0, 14, (height, width))
+        elif kind == "waves":
+            theta, period = rng.uniform(0, math.pi), rng.uniform(6, 10)
+            texture = 20 * np.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / period)
+        elif kind == "blotches":
+            coarse = rng.uniform(0, 255, (5, 5)).astype(np.uint8)
+            smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), np.float32)
+            texture = (smooth - 127.5) / 127.5 * 30
+        else:       # smooth: a gentle vertical gradient
+            texture = (yy / max(height, 1) - 0.5) * 24
+        sel = region == k
+        out[sel] = base + texture[sel][:, None]
+        class_map[sel] = class_id
+    return out, class_map
+
+
+def draw_panoptic_image(spec: SynthSpec, split: str, index: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """One synth-pan image: (HxWx3 uint8 image, HxW int64 segment ids, [(segment id, class id)]).
+
+    Things are drawn as in :func:`draw_image` from the thing classes (every thing class is the first thing of
+    some images, by a seeded deck); every stuff class present is one segment (its regions minus the things),
+    so no pixel is void. Thing segments get ids 1..n in drawing order, stuff segments the following ones.
+    """
+    things_ids = [k for k in range(1, spec.num_classes + 1)
+                  if k not in stuff_ids(spec.num_classes, spec.stuff_classes)]
+    rng = np.random.default_rng([IMAGE_SALT, spec.seed, SPLIT_INDEX[split], index, spec.stuff_classes])
+    deck = np.random.default_rng([DECK_SALT, spec.seed, SPLIT_INDEX[split], spec.stuff_classes]) \
+        .permutation(len(things_ids))
+    height = int(rng.integers(spec.min_size, spec.max_size + 1))
+    width = int(rng.integers(spec.min_size, spec.max_size + 1))
+    image, stuff_map = stuff_classes_background(spec, height, width, rng)
+    instances = _draw_things(spec, image, rng, things_ids[int(deck[index % len(things_ids)])],
+                             lambda: things_ids[int(rng.integers(0, len(things_ids)))])
+    image = _finish(image, rng)
+    ids = np.zeros((height, width), np.int64)
+    segments: list[tuple[int, int]] = []
+    covered = np.zeros((height, width), bool)
+    for class_id, visible in instances:
+        segments.append((len(segments) + 1, class_id))
+        ids[visible] = len(segments)
+        covered |= visible
+    for class_id in sorted(set(np.unique(stuff_map[~covered]).tolist())):
+        segments.append((len(segments) + 1, class_id))
+        ids[(stuff_map == class_id) & ~covered] = len(segments)
+    return image, ids, segments
 
 
 # ---- writing ----------------------------------------------------------------------------------------
@@ -260,6 +353,8 @@ def _annotation(ann_id: int, image_id: int, class_id: int, mask: np.ndarray) -> 
 
 def generate(spec: SynthSpec, folder: Path, progress: bool = True) -> None:
     """Write the whole dataset of ``spec`` into ``folder`` (which must not exist yet)."""
+    if spec.panoptic:
+        return generate_panoptic(spec, folder, progress)
     base = folder / FOLDER
     categories = [{"id": k, "name": synth_class(k).name, "supercategory": "thing"}
                   for k in range(1, spec.num_classes + 1)]
@@ -284,7 +379,53 @@ def generate(spec: SynthSpec, folder: Path, progress: bool = True) -> None:
         with open(base / f"synth_instance_{split}.json", "w") as handle:
             json.dump({"images": images, "annotations": annotations, "categories": categories}, handle)
     bar.close()
-    (folder / "spec.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}, indent=1))
+    (folder / "spec.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, **spec.to_config()},
+                                                 indent=1))
+
+
+def panoptic_paths(folder: Path, split: str) -> tuple[Path, Path, Path]:
+    """(json, PNG folder, image folder) of a split of a generated synth-pan dataset (ADE20K panoptic layout)."""
+    base = folder / FOLDER
+    return (base / f"synth_panoptic_{split}.json", base / f"synth_panoptic_{split}",
+            base / "images" / SPLIT_DIRS[split])
+
+
+def generate_panoptic(spec: SynthSpec, folder: Path, progress: bool = True) -> None:
+    """synth-pan: images and COCO-panoptic ground truth in the layout of Mask2Former's ADE20K panoptic
+    converter (``synth_panoptic_{split}.json`` + PNGs with RGB-encoded segment ids), read by the same
+    :class:`benchmark.data.panoptic.PanopticDataset` as ``ade-pan`` and ``coco-pan``."""
+    from .panoptic import panoptic_json, write_id_png
+
+    stuff = set(stuff_ids(spec.num_classes, spec.stuff_classes))
+    categories = [{"id": k, "isthing": int(k not in stuff),
+                   "name": stuff_look(spec.num_classes, spec.stuff_classes, k)[0] if k in stuff
+                   else synth_class(k).name} for k in range(1, spec.num_classes + 1)]
+    bar = tqdm(total=spec.train_images + spec.val_images, unit="img", disable=not progress,
+               desc=f"generating synthetic panoptic dataset ({spec.num_classes} classes)")
+    for split in ("train", "val"):
+        json_path, png_dir, image_dir = panoptic_paths(folder, split)
+        image_dir.mkdir(parents=True)
+        png_dir.mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(spec.images(split)):
+            image, ids, segments = draw_panoptic_image(spec, split, i)
+            stem = f"synth_{split}_{i + 1:06d}"
+            Image.fromarray(image).save(image_dir / f"{stem}.jpg", quality=95, subsampling=0)
+            write_id_png(png_dir / f"{stem}.png", ids)
+            images.append({"id": i + 1, "file_name": f"{stem}.jpg", "height": image.shape[0],
+                           "width": image.shape[1]})
+            info = []
+            for segment_id, class_id in segments:
+                mask = ids == segment_id
+                rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+                info.append({"id": segment_id, "category_id": class_id, "iscrowd": 0, "area": int(mask.sum()),
+                             "bbox": [int(v) for v in mask_util.toBbox(rle)]})
+            annotations.append({"image_id": i + 1, "file_name": f"{stem}.png", "segments_info": info})
+            bar.update()
+        json_path.write_text(json.dumps(panoptic_json(images, annotations, categories)))
+    bar.close()
+    (folder / "spec.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, **spec.to_config()},
+                                                 indent=1))
 
 
 def ensure_synth(spec: SynthSpec, root: str | os.PathLike | None = None, progress: bool = True) -> Path:

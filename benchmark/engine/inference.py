@@ -1,4 +1,4 @@
-"""Semantic and instance inference shared by every method (Mask2Former's post-processing).
+"""Semantic, instance and panoptic inference shared by every method (Mask2Former's post-processing).
 
 Both functions take one image's ``class_probs`` [Q, K] in global class columns with no-object dropped
 (``ModelOutputs.class_probs()``: for query groups each query's softmax runs over its own group's head) and
@@ -35,6 +35,9 @@ rule ``logit > 0`` is the same threshold on the sigmoid).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -173,3 +176,77 @@ def _check(class_probs: Tensor, mask_logits: Tensor) -> None:
     if class_probs.dim() != 2 or mask_logits.dim() != 3 or class_probs.shape[0] != mask_logits.shape[0]:
         raise ValueError(f"need class_probs [Q, K] and mask_logits [Q, h, w] of one image, got "
                          f"{tuple(class_probs.shape)} and {tuple(mask_logits.shape)}")
+
+
+@dataclass(frozen=True)
+class PanopticPrediction:
+    """One image's panoptic prediction: ``segment_ids`` [H, W] int32 (0 = no segment) and, per segment id
+    1..n, its class column and whether the class is a thing."""
+
+    segment_ids: Tensor
+    columns: tuple[int, ...]
+    isthing: tuple[bool, ...]
+
+    @property
+    def segments(self) -> list[tuple[int, int, bool]]:
+        """``[(segment id, class column, isthing)]``, ids from 1."""
+        return [(i + 1, c, t) for i, (c, t) in enumerate(zip(self.columns, self.isthing))]
+
+
+def panoptic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
+                       thing_columns: Sequence[int] | Tensor, object_mask_threshold: float = 0.8,
+                       overlap_threshold: float = 0.8, padded_size: Size | None = None,
+                       mask_mode: str = "sigmoid", mask_threshold: float = 0.5) -> PanopticPrediction:
+    """Mask2Former's panoptic inference (facebookresearch/Mask2Former ``maskformer_model.py``
+    ``panoptic_inference``, L286-342), shared by every method.
+
+    The mask logits are resized to the original image size first (``sem_seg_postprocess_before_inference``
+    is on whenever ``PANOPTIC_ON``, L149-153). A query is kept when its most likely label is not no-object
+    (``labels.ne(num_classes)``; here: its best class probability >= its no-object probability
+    ``1 - sum_k p(k | q)``, ties to the class as in the semantic "segments" inference) and its score exceeds
+    ``object_mask_threshold`` (0.8, ``MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD`` in
+    ``configs/ade20k/panoptic-segmentation/maskformer2_R50_bs16_160k.yaml`` L43-44, as ``OVERLAP_THRESHOLD``;
+    BalConpas keeps both at 0.8, reference B8). Each pixel goes to the kept query
+    with the largest ``score * mask``; a query's segment is the pixels it wins where its own mask is >= 0.5;
+    it is dropped when the pixels it wins are fewer than ``overlap_threshold`` (0.8) x its own mask area.
+    Segments of one stuff class are merged into a single segment (the first one's id); every thing segment
+    has its own id. Ids are 1, 2, ... in query order (kept queries in their original order), as the original.
+    CoMFormer's panoptic inference (fcdl94/CoMFormer ``mask2former/maskformer_model.py``) is the same
+    procedure on its own probabilities; ECLIPSE uses sigmoid class scores and thresholds 0.0 / 0.0
+    (reference A6), which a method supplies through its probabilities and ``--set eval.*``.
+    """
+    _check(class_probs, mask_logits)
+    probs = class_probs.float()
+    scores, labels = probs.max(dim=1)
+    no_object = 1.0 - probs.sum(dim=1)
+    keep = (scores >= no_object) & (scores > object_mask_threshold)
+    masks = _mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)[keep]
+    scores, labels = scores[keep], labels[keep]
+    things = set(int(c) for c in torch.as_tensor(thing_columns).flatten().tolist())
+    height, width = tuple(out_size)
+    segment_ids = torch.zeros(height, width, dtype=torch.int32, device=mask_logits.device)
+    columns: list[int] = []
+    isthing: list[bool] = []
+    if len(labels):
+        owner = (scores[:, None, None] * masks).argmax(dim=0)
+        stuff_segment: dict[int, int] = {}
+        for k in range(len(labels)):
+            column = int(labels[k])
+            won = owner == k
+            own = masks[k] >= mask_threshold
+            region = won & own
+            won_area, own_area = int(won.sum()), int(own.sum())
+            if won_area == 0 or own_area == 0 or not bool(region.any()):
+                continue
+            if won_area / own_area < overlap_threshold:
+                continue
+            thing = column in things
+            if not thing and column in stuff_segment:
+                segment_ids[region] = stuff_segment[column]
+                continue
+            columns.append(column)
+            isthing.append(thing)
+            segment_ids[region] = len(columns)
+            if not thing:
+                stuff_segment[column] = len(columns)
+    return PanopticPrediction(segment_ids, tuple(columns), tuple(isthing))

@@ -17,6 +17,9 @@ names, and the store and the reporter need no other change.
   (one ``bincount`` over the image's pixels, the same one that is added to the step's matrix), so the
   evaluation loop does one pass over the pixels, as before, and the sums equal ``confusion.npz`` by
   construction.
+- panoptic (``pq``, ``sq``, ``rq``): ``iou_sum`` (float64: the summed IoU of the image's matched segments
+  of the class), ``tp``, ``fp``, ``fn`` (segment counts), panopticapi's sufficient statistics
+  (:mod:`benchmark.metrics.pq`).
 - instance (``ap``): nothing is stored per image. pycocotools' AP is a ranking over all images' detections,
   not a sum of per-image counts; it can be recomputed on a resampled image set from ``detections.json`` and
   the ground-truth json (``COCOeval`` with the resampled ``imgIds``, one full evaluation per resample), which
@@ -31,6 +34,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from .pq import PANOPTIC_STATS, pq_from_stats, rq_from_stats, sq_from_stats
 
 SEMANTIC_STATS = ("tp", "fp", "fn")
 
@@ -49,12 +54,16 @@ def iou_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarra
 # long-table metric -> (statistic names in per_image.npz, per-class score in percent from their sums)
 PER_IMAGE_METRICS: Mapping[str, tuple[tuple[str, ...], Callable[..., np.ndarray]]] = {
     "iou": (SEMANTIC_STATS, iou_from_counts),
+    "pq": (PANOPTIC_STATS, pq_from_stats),
+    "sq": (PANOPTIC_STATS, sq_from_stats),
+    "rq": (PANOPTIC_STATS, rq_from_stats),
 }
 
 
 @dataclass
 class PerImageStats:
-    """Per-image statistics of one step: ``arrays[name]`` is int64 ``[len(image_ids), len(class_ids)]``."""
+    """Per-image statistics of one step: ``arrays[name]`` is ``[len(image_ids), len(class_ids)]``, int64 counts
+    (or float64 sums, e.g. panoptic's matched IoU)."""
 
     image_ids: np.ndarray
     class_ids: np.ndarray
@@ -66,9 +75,11 @@ class PerImageStats:
         n, k = len(self.image_ids), len(self.class_ids)
         for name, value in list(self.arrays.items()):
             a = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-            if a.shape != (n, k) or not np.issubdtype(a.dtype, np.integer):
-                raise ValueError(f"per-image statistic {name!r} must be integer [{n}, {k}], got {a.dtype} {a.shape}")
-            self.arrays[name] = a.astype(np.int64, copy=False)
+            integer = np.issubdtype(a.dtype, np.integer)
+            if a.shape != (n, k) or not (integer or np.issubdtype(a.dtype, np.floating)):
+                raise ValueError(f"per-image statistic {name!r} must be numeric [{n}, {k}], got {a.dtype} {a.shape}")
+            # Counts are int64; sums of scores (panoptic's matched IoU) float64.
+            self.arrays[name] = a.astype(np.int64 if integer else np.float64, copy=False)
 
     @property
     def num_images(self) -> int:
@@ -76,7 +87,10 @@ class PerImageStats:
 
     def metrics(self) -> list[str]:
         """The long-table metrics these statistics can recompute (see :data:`PER_IMAGE_METRICS`)."""
-        return [m for m, (names, _) in PER_IMAGE_METRICS.items() if all(n in self.arrays for n in names)]
+        found = {m: set(names) for m, (names, _) in PER_IMAGE_METRICS.items() if set(names) <= set(self.arrays)}
+        # The most specific declarations win: panoptic's (iou_sum, tp, fp, fn) are segment counts, so the
+        # semantic (tp, fp, fn) they contain do not make an IoU.
+        return [m for m, names in found.items() if not any(names < other for other in found.values())]
 
     def stacked(self, metric: str) -> np.ndarray:
         """The statistics of ``metric`` side by side: ``[N, S * K]`` (statistic-major), for one matrix product."""

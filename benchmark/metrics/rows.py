@@ -5,6 +5,8 @@ One row per (class, metric) for every class of the protocol, future classes incl
 
 - semantic: metric ``iou``; ``support`` = ground-truth pixels of the class; NaN IoU when it is 0.
 - instance: metrics ``ap``, ``ap50``, ``ap75``; ``support`` = non-crowd ground-truth instances.
+- panoptic: metrics ``pq``, ``sq``, ``rq`` (panopticapi's, :mod:`benchmark.metrics.pq`); ``support`` = matched
+  plus unmatched non-crowd ground-truth segments (tp + fn); NaN when the class has no segment at all.
 
 For the joint upper bound, pass the *continual* protocol it bounds (the runner does): rows then carry
 that protocol's name and class steps, which is how the reporter places joint in the protocol's table.
@@ -18,6 +20,7 @@ import numpy as np
 
 from .ap import AP_METRICS, mask_ap
 from .iou import as_matrix, class_support, iou_per_class
+from .pq import PANOPTIC_STATS, panoptic_scores
 
 COLUMNS = ("method", "protocol", "seed", "step", "class_id", "class_name", "class_step", "metric", "value", "support")
 
@@ -55,6 +58,20 @@ def instance_rows(*, protocol, method: str, seed: int, step: int,
     return [_row(protocol, method, seed, step, c, metric, 100.0 * float(per_class[c][metric]),
                  int(per_class[c]["num_gt"]))
             for c in protocol.class_order for metric in AP_METRICS]
+
+
+def panoptic_rows(*, stats: Mapping[str, np.ndarray], class_ids: Sequence[int], protocol, method: str, seed: int,
+                  step: int) -> list[dict]:
+    """``pq``, ``sq``, ``rq`` rows from summed statistics ``{"iou_sum", "tp", "fp", "fn"}`` ([K] over
+    ``class_ids``)."""
+    ids = [int(c) for c in class_ids]
+    _check_covers(protocol, ids, "the panoptic statistics")
+    sums = [np.asarray(stats[name], dtype=np.float64) for name in PANOPTIC_STATS]
+    scores = panoptic_scores(np.stack(sums))
+    index = {c: k for k, c in enumerate(ids)}
+    support = (sums[1] + sums[3]).astype(np.int64)
+    return [_row(protocol, method, seed, step, c, metric, float(scores[metric][index[c]]), int(support[index[c]]))
+            for c in protocol.class_order for metric in ("pq", "sq", "rq")]
 
 
 def _row(protocol, method, seed, step, class_id, metric, value, support) -> dict:

@@ -1,4 +1,4 @@
-"""The segmentation tasks (semantic, instance, ...): one module per task behind :class:`Task`.
+"""The segmentation tasks (semantic, instance, panoptic): one module per task behind :class:`Task`.
 
 Everything that differs between tasks lives in the task's module: how a dataset is prepared, the
 training target of an augmented image, the evaluation target, the evaluator that turns the model's outputs
@@ -16,9 +16,10 @@ from benchmark.errors import ConfigError
 
 from .base import Evaluator, Task
 from .instance import InstanceTask
+from .panoptic import PanopticTask
 from .semantic import SemanticTask
 
-TASKS: Mapping[str, Task] = {task.name: task for task in (SemanticTask(), InstanceTask())}
+TASKS: Mapping[str, Task] = {task.name: task for task in (SemanticTask(), InstanceTask(), PanopticTask())}
 TASK_NAMES = tuple(TASKS)
 
 
