@@ -187,3 +187,127 @@ def test_command_line_exit_codes_and_messages(tmp_path, capsys):
     assert main(["voc", "--root", str(tmp_path), "--download", "--sources", str(tmp_path / "broken.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read the archive list") and "hint:" in err
+
+
+def make_ade_panoptic_archives(folder: Path) -> tuple[Path, Path, dict]:
+    """ADE archives whose semantic maps hold stuff (wall 1, floor 4), things with instances (person 13, bed 8)
+    and a thing without instance (chair 20); ``truth[stem]`` = the expected {(class, instance): mask}."""
+    rng = np.random.default_rng(2)
+    stage = folder / "stage"
+    truth = {}
+    for dirname, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+        ade = stage / "ADEChallengeData2016"
+        save_jpg(ade / "images" / dirname / f"{stem}.jpg", random_image(rng, 12, 16))
+        semantic = np.zeros((12, 16), np.uint8)
+        semantic[:6] = 1                  # wall
+        semantic[6:] = 4                  # floor
+        semantic[1:5, 1:5] = 13           # person (has an instance)
+        semantic[8:11, 2:9] = 8           # bed (has an instance)
+        semantic[1:4, 10:14] = 20         # chair without instance -> VOID
+        semantic[11, 15] = 0              # unlabelled
+        save_label(ade / "annotations" / dirname / f"{stem}.png", semantic, palette=False)
+        png = np.zeros((12, 16, 3), np.uint8)
+        png[1:5, 1:5] = (4, 1, 0)         # Instance100 #4 = person (13)
+        png[8:11, 2:9] = (1, 2, 0)        # Instance100 #1 = bed (8)
+        png[6:8, 12:16] = (1, 3, 0)       # a second bed, drawn over floor pixels
+        inst_dir = stage / "annotations_instance" / dirname
+        inst_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(png).save(inst_dir / f"{stem}.png")
+        wall, floor = semantic == 1, (semantic == 4) & (png[..., 1] == 0)
+        truth[stem] = {(1, 0): wall, (4, 0): floor, (13, 1): png[..., 1] == 1, (8, 2): png[..., 1] == 2,
+                       (8, 3): png[..., 1] == 3}
+    zip_path = folder / "ADEChallengeData2016.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for path in sorted((stage / "ADEChallengeData2016").rglob("*")):
+            zf.write(path, path.relative_to(stage).as_posix())
+    tar_path = folder / "annotations_instance.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        tf.add(stage / "annotations_instance", arcname="annotations_instance")
+    return zip_path, tar_path, truth
+
+
+def test_ade_panoptic_download_and_conversion(tmp_path):
+    """Stuff from the semantic map, things from the instance map painted over it, thing pixels without an
+    instance VOID, category ids 0..149 in the json (Mask2Former's converter) and 1..150 through the reader."""
+    zip_path, tar_path, truth = make_ade_panoptic_archives(tmp_path / "archives")
+    sources = write_sources(tmp_path / "sources.json", {"ade-pan": [
+        {"file": zip_path.name, "url": zip_path.as_uri(), "md5": md5(zip_path), "extract_to": ".",
+         "provides": ["ADEChallengeData2016/images/training"]},
+        {"file": tar_path.name, "url": tar_path.as_uri(), "md5": None, "extract_to": "ADEChallengeData2016",
+         "provides": ["ADEChallengeData2016/annotations_instance/training"]},
+    ]})
+    root = tmp_path / "data"
+    assert prepare("ade-pan", root, out=lambda s: None) == 1
+    assert prepare("ade-pan", root, download_missing=True, sources_path=sources, progress=False,
+                   out=lambda s: None) == 0
+    raw = json.loads((root / "ADEChallengeData2016" / "ade20k_panoptic_val.json").read_text())
+    assert len(raw["categories"]) == 150 and sum(c["isthing"] for c in raw["categories"]) == 100
+    assert raw["categories"][0] == {"id": 0, "name": "wall", "isthing": 0}
+    assert sorted(s["category_id"] for s in raw["annotations"][0]["segments_info"]) == [0, 3, 7, 7, 12]
+    for split, stem in (("train", "ADE_train_00000001"), ("val", "ADE_val_00000001")):
+        ds = open_dataset("ade-pan", root, split)
+        assert ds.classes_in(0) == (1, 4, 8, 13)
+        target = ds.load(0)[1]
+        got = {(s.category_id, s.id % 1000): target.ids == s.id for s in target.segments}
+        assert got.keys() == truth[stem].keys()
+        for key, mask in truth[stem].items():
+            assert np.array_equal(got[key], mask), key
+        covered = np.any(list(truth[stem].values()), axis=0)
+        assert np.all(target.ids[~covered] == 0)          # the chair without instance and the unlabelled pixel
+    png = root / "ADEChallengeData2016" / "ade20k_panoptic_val" / "ADE_val_00000001.png"
+    first = png.read_bytes()
+    (root / "ADEChallengeData2016" / "ade20k_panoptic_val.json").unlink()
+    assert prepare("ade-pan", root, download_missing=True, sources_path=sources, progress=False,
+                   out=lambda s: None) == 0
+    assert png.read_bytes() == first                       # reproducible ids, byte for byte
+
+
+def test_coco_panoptic_download_unpacks_the_png_zips(tmp_path):
+    """panoptic_annotations_trainval2017.zip holds the jsons and the PNGs as zips inside annotations/."""
+    from benchmark.data.panoptic import id_to_rgb, panoptic_json
+
+    rng = np.random.default_rng(3)
+    stage, archives = tmp_path / "stage", tmp_path / "archives"
+    archives.mkdir()
+    image_zips = []
+    for split in ("train", "val"):
+        save_jpg(stage / "images" / f"{split}2017" / "000000000139.jpg", random_image(rng, 10, 12))
+        image_zip = archives / f"{split}2017.zip"
+        with zipfile.ZipFile(image_zip, "w") as zf:
+            zf.write(stage / "images" / f"{split}2017" / "000000000139.jpg", f"{split}2017/000000000139.jpg")
+        image_zips.append(image_zip)
+    ids = np.zeros((10, 12), np.int64)
+    ids[:5] = 3 + 256 * 7                     # a person
+    ids[5:] = 11                              # grass (stuff), id 11
+    ids[0, 0] = 99                            # a crowd segment
+    cats = [{"id": 1, "name": "person", "isthing": 1, "supercategory": "person"},
+            {"id": 125, "name": "grass-merged", "isthing": 0, "supercategory": "plant"}]
+    ann_zip = archives / "panoptic_annotations_trainval2017.zip"
+    with zipfile.ZipFile(ann_zip, "w") as zf:
+        for split in ("train", "val"):
+            doc = panoptic_json([{"id": 139, "file_name": "000000000139.jpg", "height": 10, "width": 12}],
+                                [{"image_id": 139, "file_name": "000000000139.png", "segments_info": [
+                                    {"id": 3 + 256 * 7, "category_id": 1, "iscrowd": 0},
+                                    {"id": 11, "category_id": 125, "iscrowd": 0},
+                                    {"id": 99, "category_id": 1, "iscrowd": 1}]}], cats)
+            zf.writestr(f"annotations/panoptic_{split}2017.json", json.dumps(doc))
+            inner = stage / f"panoptic_{split}2017.zip"
+            Image.fromarray(id_to_rgb(ids)).save(stage / "000000000139.png")
+            with zipfile.ZipFile(inner, "w") as izf:
+                izf.write(stage / "000000000139.png", f"panoptic_{split}2017/000000000139.png")
+            zf.write(inner, f"annotations/panoptic_{split}2017.zip")
+    sources = write_sources(tmp_path / "sources.json", {"coco-pan": [
+        {"file": z.name, "url": z.as_uri(), "md5": md5(z), "extract_to": "coco", "provides": [f"coco/{z.stem}"]}
+        for z in image_zips] + [
+        {"file": ann_zip.name, "url": ann_zip.as_uri(), "md5": None, "extract_to": "coco",
+         "provides": ["coco/annotations/panoptic_train2017.json"], "expect_files": {"coco/annotations": 4}}]})
+    root = tmp_path / "data"
+    lines = []
+    assert prepare("coco-pan", root, download_missing=True, sources_path=sources, progress=False,
+                   out=lines.append) == 0, lines
+    ds = open_dataset("coco-pan", root, "val")
+    assert ds.classes_in(0) == (1, 125)                    # the crowd segment is no class presence
+    target = ds.load(0)[1]
+    assert np.array_equal(target.ids, ids)
+    assert {(s.id, s.category_id, s.iscrowd) for s in target.segments} == {(1795, 1, False), (11, 125, False),
+                                                                          (99, 1, True)}

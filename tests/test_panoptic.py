@@ -180,10 +180,12 @@ def test_stored_predictions_rescore_to_metrics_csv(tmp_path):
     gt_root = Path(run["val_panoptic_root"])
     metrics = pd.read_csv(run_dir / "metrics.csv")
     classes = list(get_protocol("synth-pan-10-5").class_order)
+    predicted = 0
     for step in range(3):
         folder = run_dir / f"step_{step:02d}"
         pred_doc = json.loads((folder / "panoptic.json").read_text())
         pred_by_image = {a["image_id"]: a for a in pred_doc["annotations"]}
+        predicted += sum(len(a["segments_info"]) for a in pred_doc["annotations"])
         assert len(pred_by_image) == len(gt_doc["annotations"]) == 6
         images = []
         for gt_ann in gt_doc["annotations"]:
@@ -199,4 +201,4 @@ def test_stored_predictions_rescore_to_metrics_csv(tmp_path):
             assert stored[c] == pytest.approx(expected[c], nan_ok=True, abs=1e-6), (step, c)
         with np.load(folder / "per_image.npz") as data:
             assert data["iou_sum"].dtype == np.float64 and data["tp"].shape == (6, 20)
-    assert any(a["segments_info"] for a in pred_doc["annotations"])     # something was predicted
+    assert predicted > 0          # something was predicted (by step 0's 60 iterations at least)

@@ -40,3 +40,27 @@ def test_eval_options_belong_to_the_task(tmp_path):
     assert "eval" not in resolve(_spec("synth-inst-10-5", tmp_path)).config
     with pytest.raises(ConfigError, match=r"synth-inst-10-5 \(instance task\) has no options"):
         resolve(_spec("synth-inst-10-5", tmp_path, mode="sum"))
+
+
+def test_panoptic_class_kinds_become_things_and_stuff_groups():
+    """CoMFormer's PQ^th / PQ^st: the report's extra groups are the means over the seen things / stuff."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmark.report.summary import prepare, protocol_layouts, run_scores
+    from benchmark.tasks import TASKS
+    from protocols import get_protocol
+
+    kinds = TASKS["panoptic"].class_kinds("synth-pan-10-5")
+    assert kinds["stuff"] == frozenset({5, 10, 15, 20}) and len(kinds["things"]) == 16
+    assert TASKS["semantic"].class_kinds("synth-10-5") == {} and TASKS["panoptic"].class_kinds("no-such") == {}
+    protocol = get_protocol("synth-pan-10-5")
+    rows = [{"method": "finetune", "protocol": protocol.name, "seed": 0, "step": 0, "class_id": c,
+             "class_name": str(c), "class_step": protocol.step_of(c), "metric": "pq",
+             "value": (50.0 if c in kinds["stuff"] else 10.0) + c, "support": 1}
+            for c in protocol.class_order]
+    scores = run_scores(prepare(pd.DataFrame(rows))).set_index("group")["value"]
+    seen0 = [c for c in protocol.steps[0]]
+    assert scores["stuff"] == pytest.approx(np.mean([50.0 + c for c in seen0 if c in kinds["stuff"]]))
+    assert scores["things"] == pytest.approx(np.mean([10.0 + c for c in seen0 if c in kinds["things"]]))
+    assert protocol_layouts(pd.DataFrame(rows))[protocol.name].kinds == ("things", "stuff")

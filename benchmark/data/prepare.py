@@ -1,11 +1,13 @@
 """Check a dataset layout, and with ``--download`` fetch, verify, extract and convert what is missing.
 
-    python -m benchmark.data.prepare {voc,ade,coco,ade-inst,synth} --root DIR [--download] [--verify]
+    python -m benchmark.data.prepare {voc,ade,coco,ade-inst,ade-pan,coco-pan,synth} --root DIR [--download] [--verify]
 
 Without ``--download`` it lists every missing folder or file and exits 1 (0 when the layout is complete).
 With ``--download`` it fetches only the official archives (``benchmark/data/sources.json``) whose content
 is missing, resumes partial downloads, checks their md5, extracts them under DIR and runs the conversions
-the readers need (VOC's train_aug list, the ADE20K-instance jsons), then checks again. ``--verify``
+the readers need (VOC's train_aug list, the ADE20K-instance jsons, the ADE20K panoptic json and PNGs built
+from the semantic and instance annotations, COCO's panoptic PNGs unpacked from the zips inside
+``panoptic_annotations_trainval2017.zip``), then checks again. ``--verify``
 also reads every annotation once (which fills the class-presence cache). ``synth`` generates the
 synthetic dataset under DIR (default: the cache dir); there is nothing to download.
 """
@@ -20,12 +22,13 @@ from pathlib import Path
 from benchmark.errors import DataError, UserError
 
 from . import ade, ade_instance, coco, voc
-from .convert import ade_instance_json, voc_train_aug_list
+from .convert import ade_instance_json, ade_panoptic, voc_train_aug_list
 from .download import Source, count_files, download, extract, file_sha256
+from .panoptic import panoptic_layout
 from .registry import open_dataset
 from .synth import SynthSpec, ensure_synth
 
-DATASETS = ("voc", "ade", "coco", "ade-inst", "synth")
+DATASETS = ("voc", "ade", "coco", "ade-inst", "ade-pan", "coco-pan", "synth")
 SOURCES = Path(__file__).with_name("sources.json")
 
 
@@ -62,6 +65,12 @@ def required(dataset: str, root: Path) -> list[tuple[Path, str]]:
         for s in ("train", "val"):
             json_path, images = coco.paths(folder, s)
             items += [(images, f"{s} images"), (json_path, f"{s} instance annotations")]
+        return items
+    if dataset in ("ade-pan", "coco-pan"):
+        items = []
+        for s in ("train", "val"):
+            json_path, png_dir, images = panoptic_layout(dataset, root, s)
+            items += [(images, f"{s} images"), (json_path, f"{s} panoptic json"), (png_dir, f"{s} panoptic PNGs")]
         return items
     raise DataError(f"unknown dataset {dataset!r}", hint=f"use one of {', '.join(DATASETS)}")
 
@@ -122,6 +131,20 @@ def convert(dataset: str, root: Path, progress: bool, out=print) -> None:
             json_path = ade_instance.paths(folder, split)[0]
             if not json_path.exists() and (folder / "annotations_instance").is_dir():
                 out(f"writing {ade_instance_json(folder, split, progress)}")
+    elif dataset == "ade-pan":
+        folder = root / ade.FOLDER
+        for split in ("train", "val"):
+            json_path = panoptic_layout(dataset, root, split)[0]
+            if not json_path.exists() and (folder / "annotations_instance").is_dir():
+                out(f"writing {ade_panoptic(folder, split, progress)}")
+    elif dataset == "coco-pan":
+        # panoptic_annotations_trainval2017.zip holds the jsons and, as zips inside annotations/, the PNGs
+        for split in ("train", "val"):
+            json_path, png_dir, _ = panoptic_layout(dataset, root, split)
+            inner = json_path.with_suffix(".zip")
+            if not png_dir.exists() and inner.exists():
+                out(f"extracting {inner.name} into {png_dir.parent}")
+                extract(inner, png_dir.parent)
 
 
 def prepare(dataset: str, root: Path, *, download_missing: bool = False, verify: bool = False,

@@ -32,6 +32,7 @@ from benchmark.errors import DataError
 from benchmark.metrics.groups import GROUPS, group_member
 from benchmark.metrics.per_image import PER_IMAGE_METRICS
 from benchmark.store import RunStore
+from benchmark.tasks import task_for_metric
 
 from .bootstrap import (BootstrapConfig, combine_units, forgetting, group_means, percentile_interval,
                         resample_weights, resampled_class_scores, significant)
@@ -153,14 +154,18 @@ def _run_series(run_dir: Path, rows: pd.DataFrame, class_ids: np.ndarray, class_
     store = RunStore(run_dir)
     steps = sorted(int(s) for s in rows["step"].unique())
     b = config.resamples
+    kinds = task_for_metric(str(first["metric"])).class_kinds(out.protocol)
+    kinds = {k: np.isin(class_ids, list(ids)) for k, ids in kinds.items() if 0 < len(ids) < len(class_ids)}
     for metric, metric_rows in rows.groupby("metric", sort=False):
         per_step, from_images = {}, {}
         for step in steps:
             scores, used = _class_scores(store, out.method, step, metric, metric_rows, class_ids, images, b)
             per_step[step], from_images[step] = scores, used
-            members = np.stack([group_member(g, class_steps, step) for g in GROUPS])
+            names = GROUPS + tuple(kinds)
+            members = np.stack([group_member(g, class_steps, step) for g in GROUPS]
+                               + [group_member("seen", class_steps, step) & kinds[k] for k in kinds])
             means = group_means(scores, members)                                   # [B, G]
-            for g, group in enumerate(GROUPS):
+            for g, group in enumerate(names):
                 if members[g].any():
                     key = (step, group, SUMMARY_METRIC.get(metric, metric))
                     out.values[key], out.from_images[key] = means[:, g], used

@@ -105,6 +105,7 @@ class ProtocolLayout:
     base_label: str             # "1-100", "0-15"
     novel_label: str            # "101-150", "" when the protocol has a single step
     has_background: bool
+    kinds: tuple[str, ...] = ()  # extra class partitions of its task scored at each step (panoptic: things, stuff)
 
     @property
     def summary_metric(self) -> str:
@@ -164,16 +165,20 @@ def protocol_layouts(df: pd.DataFrame, options: ReportOptions = ReportOptions())
         task = task_for_metric(rows["metric"].iloc[0])
         metric = task.primary_metric
         final = int(classes["class_step"].max())
+        kinds = tuple(k for k, ids in task.class_kinds(protocol).items() if ids)
         layouts[protocol] = ProtocolLayout(
             name=protocol, task=task.name, final_step=final, metric=metric,
             base_label=range_label([first, n_base]),
             novel_label=range_label(list(range(n_base + 1, n_all + 1))) if final > 0 else "",
-            has_background=has_bg)
+            has_background=has_bg, kinds=kinds if len(kinds) > 1 else ())
     return layouts
 
 
 def run_scores(prepared: pd.DataFrame) -> pd.DataFrame:
-    """Per-run group scores (SCORE_COLUMNS) of a :func:`prepare`-d table, plus forgetting and avg_incremental."""
+    """Per-run group scores (SCORE_COLUMNS) of a :func:`prepare`-d table, plus forgetting and avg_incremental.
+
+    Besides the step groups, a task's class kinds (:meth:`Task.class_kinds`; panoptic "things" and "stuff")
+    are groups too: the mean over the seen classes of that kind, as CoMFormer's PQ^th / PQ^st columns."""
     learned = prepared[(prepared["class_step"] <= prepared["step"]) & prepared["value"].notna()]
     keys = ["protocol", "method", "seed", "step", "metric"]
     parts = []
@@ -181,6 +186,13 @@ def run_scores(prepared: pd.DataFrame) -> pd.DataFrame:
         member = learned[group_member(group, learned["class_step"].to_numpy(), learned["step"].to_numpy())]
         means = member.groupby(keys, sort=False)["value"].mean().reset_index()
         parts.append(means.assign(group=group))
+    for protocol, rows in learned.groupby("protocol", sort=False):
+        task = task_for_metric(rows["metric"].iloc[0])
+        for kind, ids in task.class_kinds(protocol).items():
+            member = rows[rows["class_id"].isin(list(ids))]
+            if len(member) and len(ids) < rows["class_id"].nunique():
+                means = member.groupby(keys, sort=False)["value"].mean().reset_index()
+                parts.append(means.assign(group=kind))
     scores = pd.concat(parts, ignore_index=True)
     scores["metric"] = scores["metric"].map(SUMMARY_METRIC).fillna(scores["metric"])
     scores = pd.concat([scores, _continual_scores(prepared, scores)], ignore_index=True)
@@ -248,7 +260,7 @@ def _sorted(frame: pd.DataFrame, *extra: str) -> pd.DataFrame:
     methods = method_order(frame["method"].unique())
     key = {
         "method": lambda s: s.map({m: i for i, m in enumerate(methods)}),
-        "group": lambda s: s.map({g: i for i, g in enumerate(GROUPS)}),
+        "group": lambda s: s.map({g: i for i, g in enumerate(GROUPS)}).fillna(len(GROUPS)),
         "metric": lambda s: s.map({m: i for i, m in enumerate(METRIC_ORDER)}).fillna(len(METRIC_ORDER)),
     }
     by = ["protocol", "method", *extra, "step", "metric", "group"]

@@ -144,7 +144,7 @@ def order_tables(intervals, layouts: dict[str, ProtocolLayout]) -> list[FinalTab
         return []
     tables = []
     for split, protocols in splits_with_orders(layouts).items():
-        layout = replace(layouts[protocols[0]], name=split)
+        layout = replace(layouts[protocols[0]], name=split, kinds=())
         columns = _group_columns(layout)
         rows = orders[(orders["split"] == split) & (orders["step"] == layout.final_step)
                       & (orders["metric"] == layout.summary_metric)]
@@ -172,7 +172,8 @@ def order_tables(intervals, layouts: dict[str, ProtocolLayout]) -> list[FinalTab
 
 def _group_columns(layout: ProtocolLayout) -> tuple[tuple[str, str], ...]:
     return ((("base", layout.base_label), ("novel", layout.novel_label)) if layout.final_step > 0 else ()) \
-        + (("seen", "all"),)
+        + (("seen", "all"),) + tuple((kind, f"{TASKS[layout.task].metric_labels[layout.summary_metric]} {kind}")
+                                     for kind in layout.kinds)
 
 
 def _cell(row: pd.DataFrame, count: str) -> Cell:

@@ -82,6 +82,11 @@ class Task(ABC):
     def primary_metric(self) -> str:
         return self.metrics[0]
 
+    def class_kinds(self, protocol_name: str) -> Mapping[str, frozenset[int]]:
+        """Named partitions of a protocol's classes that the report scores as extra columns of the final
+        table (panoptic: "things" and "stuff", CoMFormer's PQ^th / PQ^st); none by default."""
+        return {}
+
     # ---- data -----------------------------------------------------------------------------------
     def prepare_dataset(self, ds) -> None:
         """Called once by each view over ``ds`` before it loads a sample (e.g. index annotations)."""

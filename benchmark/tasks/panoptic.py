@@ -88,6 +88,21 @@ class PanopticTask(Task):
     instance_targets = True
     eval_options = PanopticInference
 
+    def class_kinds(self, protocol_name):
+        """``{"things": ..., "stuff": ...}``: the protocol's classes split by its dataset's thing classes (the
+        registry's protocol of that name; a name the registry does not know gets no such columns)."""
+        from benchmark.errors import UserError
+        from protocols import get_protocol
+        from protocols.datasets import dataset_spec
+
+        try:
+            protocol = get_protocol(protocol_name)
+        except UserError:
+            return {}
+        things = dataset_spec(protocol.dataset, protocol.num_dataset_classes).thing_ids
+        classes = frozenset(protocol.all_classes)
+        return {"things": classes & things, "stuff": classes - things}
+
     def train_sample(self, ds, i, columns, aug, rng):
         image, target = ds.load(i)
         masks, labels = training_targets(target, columns, ds.thing_ids)
