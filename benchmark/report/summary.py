@@ -190,7 +190,7 @@ def run_scores(prepared: pd.DataFrame) -> pd.DataFrame:
         task = task_for_metric(rows["metric"].iloc[0])
         for kind, ids in task.class_kinds(protocol).items():
             member = rows[rows["class_id"].isin(list(ids))]
-            if len(member) and len(ids) < rows["class_id"].nunique():
+            if len(member):
                 means = member.groupby(keys, sort=False)["value"].mean().reset_index()
                 parts.append(means.assign(group=kind))
     scores = pd.concat(parts, ignore_index=True)
