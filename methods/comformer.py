@@ -53,6 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 KD_WEIGHT_OVERRIDES: tuple[tuple[str, float, str], ...] = (
     (r"ade-100-50(-disjoint)?(@[^~]+)?(~synth)?", 0.5,
      "fcdl94/CoMFormer scripts/ade.sh (ADE 100-50 semantic, CONT.DIST.KD_WEIGHT 0.5)"),
+    (r"ade-pan-100-50(@[^~]+)?(~synth)?", 5.0,
+     "fcdl94/CoMFormer scripts/adps.sh (ADE 100-50 panoptic, CONT.DIST.KD_WEIGHT 5.0; adps10/adps5 keep 10)"),
 )
 
 
@@ -61,7 +63,8 @@ class CoMFormerParams(HParams):
     """CoMFormer's hyper-parameters (ref. 4.3 table).
 
     kd_weight: 10 (README "CoMFormer" and scripts ade10/ade5/adps10/adps5, ``CONT.DIST.KD_WEIGHT``);
-        0.5 for ADE 100-50 semantic (scripts/ade.sh), see :data:`KD_WEIGHT_OVERRIDES`.
+        0.5 for ADE 100-50 semantic (scripts/ade.sh), 5.0 for ADE 100-50 panoptic (scripts/adps.sh), see
+        :data:`KD_WEIGHT_OVERRIDES`. COCO panoptic has no CoMFormer script: the default 10 applies.
     kd_alpha: inverse temperature on the teacher's logits, 1 (``CONT.DIST.ALPHA``, continual/config.py L23).
     kd_reweight: the ``(1 - q_no-object)^gamma`` query weights (``CONT.DIST.KD_REW True``).
     kd_gamma: their exponent, 2 (hard-coded, continual/method_wrapper/loss.py L90).

@@ -119,8 +119,14 @@ def test_registry_defaults_and_protocol_overrides():
     assert PLOPParams().pod_weight == 0.01 and PLOPParams().mib_init and not PLOPParams().object_pixels_only
     for name in ("ade-100-50", "ade-100-50@b", "ade-100-50~synth"):
         assert get_method("comformer", name).hparams.kd_weight == 0.5, name
-    for name in ("ade-100-10", "ade-100-5", "ade-inst-50-50", "synth-10-5", "voc-15-5", ""):
+    for name in ("ade-100-10", "ade-100-5", "ade-inst-50-50", "synth-10-5", "voc-15-5", "", "ade-pan-100-10",
+                 "ade-pan-100-5", "coco-pan-83-5", "synth-pan-10-5"):
         assert get_method("comformer", name).hparams.kd_weight == 10.0, name
+    for name in ("ade-pan-100-50", "ade-pan-100-50~synth"):       # CoMFormer scripts/adps.sh
+        assert get_method("comformer", name).hparams.kd_weight == 5.0, name
+    assert get_method("cisdq", "ade-pan-100-5").hparams.queries_per_class == 1.0
+    assert get_method("cisdq", "coco-pan-83-5").hparams.queries_per_class == 2.5
+    assert get_method("plop", "ade-pan-100-5").hparams.pod_weight == 0.001
     expected = {"voc-15-5": 0.01, "voc-15-1@b": 0.01, "ade-100-50": 0.001, "ade-inst-50-10": 0.001,
                 "coco-40-20": 0.001, "synth-10-5": 0.001, "synth-inst-10-5": 0.001, "": 0.01}
     for name, weight in expected.items():
