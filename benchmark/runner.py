@@ -459,7 +459,7 @@ def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
                 model, result = _shared_step0(runner)
             else:
                 model, stats = runner.train_step(t, prev_weights, run_dir)
-                log.info("step %d trained: %s", t, stats)
+                log.info("step %d trained: %s", t, stats.summary())
                 result = runner.evaluate(model, t)
             seconds = time.time() - start
             timings[f"step_{t:02d}"] = round(seconds, 2)

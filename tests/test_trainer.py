@@ -575,3 +575,13 @@ def test_without_a_terminal_progress_goes_to_the_log(caplog):
                         checkpoint_path=None, device="cpu", progress=True)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and lines[0].startswith("step 2: iteration 2/4 loss ") and " eta 0:00:" in lines[0]
+
+
+def test_step_log_summary_is_one_readable_line():
+    from benchmark.engine.trainer import StepLog
+
+    log = StepLog(step=1, iterations=300, start_iteration=100, wall_time_s=40.0,
+                  term_means={"ce": 0.5, "mask": 0.25}, loss_mean=0.75, history=[{"iteration": 300.0}])
+    line = log.summary()
+    assert line == "300 iterations (resumed at 100) in 40.0 s, 5.00 it/s; mean loss 0.75 (ce 0.5, mask 0.25)"
+    assert "\n" not in line and "history" not in line

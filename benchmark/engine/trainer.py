@@ -70,6 +70,15 @@ class StepLog:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One readable log line: iterations, time, speed, mean loss and every term's mean (log.txt)."""
+        done = self.iterations - self.start_iteration
+        speed = f", {done / self.wall_time_s:.2f} it/s" if self.wall_time_s > 0 and done > 0 else ""
+        resumed = f" (resumed at {self.start_iteration})" if self.start_iteration else ""
+        terms = ", ".join(f"{k} {v:.4g}" for k, v in self.term_means.items())
+        return (f"{self.iterations} iterations{resumed} in {self.wall_time_s:.1f} s{speed}; "
+                f"mean loss {self.loss_mean:.4g} ({terms})")
+
 
 def freeze_old_model(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """The previous step's model for distillation: a copy in eval mode with gradients off.
