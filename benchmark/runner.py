@@ -408,7 +408,9 @@ class StepRunner:
                         mask_mode=self.r.criterion.mask_mode, options=self.r.eval_options, progress=self.show_progress,
                         score_threshold=getattr(self.r.method, "instance_score_threshold", 0.0))
 
-    def write_step(self, store, t: int, model, result, seconds: float) -> None:
+    def write_step(self, store, t: int, model, result, seconds: float, stats=None) -> None:
+        """Store step ``t``; its DONE record holds the seconds (training + evaluation) and, for a step trained
+        here, its cost (:func:`benchmark.engine.trainer.step_cost`; a shared step 0's is in the cache's run)."""
         from benchmark.engine.checkpoint import save_weights
         from benchmark.tasks import get_task
 
@@ -417,7 +419,7 @@ class StepRunner:
         save_weights(model, tmp)
         get_task(r.protocol.task).store_step(store, t, result, val_ds=self.val_ds, weights_path=tmp,
                                              ident=dict(method=r.spec.method, protocol=r.protocol, seed=r.spec.seed),
-                                             extra={"seconds": seconds})
+                                             extra={"seconds": seconds, **({"cost": stats.cost} if stats else {})})
 
 
 def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
@@ -455,6 +457,7 @@ def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
             if is_main:
                 store.write_run_json(header | {"timings": timings})
             start = time.time()
+            stats = None
             if t == 0 and shares_step0(r):
                 model, result = _shared_step0(runner)
             else:
@@ -464,7 +467,7 @@ def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
             seconds = time.time() - start
             timings[f"step_{t:02d}"] = round(seconds, 2)
             if is_main:
-                runner.write_step(store, t, model, result, seconds)
+                runner.write_step(store, t, model, result, seconds, stats)
                 store.write_run_json(header | {"timings": timings})
                 (run_dir / f"step_{t:02d}.inprogress.pt").unlink(missing_ok=True)
             runner.dist.barrier()
@@ -491,7 +494,7 @@ def _shared_step0(runner: StepRunner):
             model, stats = runner.train_step(0, None, cache.run_dir)
             result = runner.evaluate(model, 0)
             if runner.dist.is_main:
-                runner.write_step(cache, 0, model, result, 0.0)
+                runner.write_step(cache, 0, model, result, 0.0, stats)
                 (cache.run_dir / "step_00.inprogress.pt").unlink(missing_ok=True)
             runner.dist.barrier()
             return model, result

@@ -92,6 +92,13 @@ def test_end_to_end_writes_the_store_and_the_report(finished):
         expected = 100 * tp.sum(0)[has_gt] / (tp + fp + fn).sum(0)[has_gt]
         np.testing.assert_allclose(iou.loc[np.array(list(range(1, 21)) + [255])[has_gt]].to_numpy(), expected)
     assert not list(run.glob("*.inprogress.pt"))
+    for t in (1, 2):          # cost of the steps trained in this run (step 0 is the shared one's, in its cache)
+        cost = json.loads((run / f"step_{t:02d}" / "DONE").read_text())["cost"]
+        assert cost["wall_time_s"] > 0 and cost["images_per_s"] > 0 and cost["peak_memory_mib"] > 50
+        assert cost["peak_memory_kind"] == "process_peak_rss" and cost["devices"] == 1
+        assert 0 < cost["trainable_params"] <= cost["total_params"]
+        assert cost["device_hours"] == pytest.approx(cost["wall_time_s"] / 3600, abs=1e-6)
+    assert "parameters trained; mean loss" in (run / "log.txt").read_text()
     rows = metrics(run)
     assert set(rows["step"]) == {0, 1, 2} and set(rows["metric"]) == {"iou"}
     assert len(rows) == 3 * 20 and not rows.duplicated(["step", "class_id", "metric"]).any()

@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -66,6 +66,7 @@ class StepLog:
     term_means: dict[str, float]
     loss_mean: float
     history: list[dict[str, float]] = field(default_factory=list)
+    cost: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +77,11 @@ class StepLog:
         speed = f", {done / self.wall_time_s:.2f} it/s" if self.wall_time_s > 0 and done > 0 else ""
         resumed = f" (resumed at {self.start_iteration})" if self.start_iteration else ""
         terms = ", ".join(f"{k} {v:.4g}" for k, v in self.term_means.items())
-        return (f"{self.iterations} iterations{resumed} in {self.wall_time_s:.1f} s{speed}; "
+        cost = self.cost
+        memory = f", peak memory {cost['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in cost else ""
+        params = (f", {cost['trainable_params']:,} of {cost['total_params']:,} parameters trained"
+                  if "total_params" in cost else "")
+        return (f"{self.iterations} iterations{resumed} in {self.wall_time_s:.1f} s{speed}{memory}{params}; "
                 f"mean loss {self.loss_mean:.4g} ({terms})")
 
 
@@ -390,4 +395,28 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     log.wall_time = wall_before + time.perf_counter() - segment_start
     ctx.iteration = cfg.iterations
     dist.barrier()
-    return log.result(ctx.step, cfg.iterations, start)
+    return replace(log.result(ctx.step, cfg.iterations, start),
+                   cost=step_cost(model, device, cfg.iterations * cfg.batch_size, log.wall_time, dist.world_size))
+
+
+def step_cost(model: nn.Module, device: torch.device, images: int, wall_time_s: float, world_size: int) -> dict:
+    """What a step cost (stored in its DONE record and the report's cost table).
+
+    wall_time_s: training time of the step, every resumed part added; images_per_s: training images (all
+    ranks) per second of it; device_hours: wall time x processes; peak_memory_mib: on CUDA the allocator's
+    ``max_memory_allocated`` of this process, on the CPU the process's peak resident set (``ru_maxrss``,
+    which also counts what the process held before the step); parameters: trainable (requires_grad) and
+    total of the model being trained (the old model of distillation not included)."""
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_max_allocated"
+    else:
+        import resource
+
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+    params = list(model.parameters())
+    return {"wall_time_s": round(wall_time_s, 3),
+            "images_per_s": round(images / wall_time_s, 3) if wall_time_s > 0 else None,
+            "device_hours": round(wall_time_s * world_size / 3600, 6), "devices": world_size,
+            "device_type": device.type, "peak_memory_mib": round(peak, 1), "peak_memory_kind": kind,
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "total_params": sum(p.numel() for p in params)}
