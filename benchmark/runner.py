@@ -419,7 +419,14 @@ class StepRunner:
         save_weights(model, tmp)
         get_task(r.protocol.task).store_step(store, t, result, val_ds=self.val_ds, weights_path=tmp,
                                              ident=dict(method=r.spec.method, protocol=r.protocol, seed=r.spec.seed),
-                                             extra={"seconds": seconds, **({"cost": stats.cost} if stats else {})})
+                                             extra={"seconds": seconds, **_cost_record(stats)})
+
+
+def _cost_record(stats) -> dict:
+    if stats is None or not stats.cost:
+        return {}
+    reused = getattr(stats, "reused_from", None)
+    return {"cost": dict(stats.cost, **({"reused_from": reused} if reused else {}))}
 
 
 def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
@@ -459,7 +466,7 @@ def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
             start = time.time()
             stats = None
             if t == 0 and shares_step0(r):
-                model, result = _shared_step0(runner)
+                model, result, stats = _shared_step0(runner)
             else:
                 model, stats = runner.train_step(t, prev_weights, run_dir)
                 log.info("step %d trained: %s", t, stats.summary())
@@ -477,6 +484,7 @@ def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
 
 def _shared_step0(runner: StepRunner):
     """Step 0 from the content-addressed cache, training it there first if needed."""
+    from benchmark.tasks import get_task
     from benchmark.store import RunStore
 
     r = runner.r
@@ -497,10 +505,20 @@ def _shared_step0(runner: StepRunner):
                 runner.write_step(cache, 0, model, result, 0.0, stats)
                 (cache.run_dir / "step_00.inprogress.pt").unlink(missing_ok=True)
             runner.dist.barrier()
-            return model, result
+            return model, result, _SharedCost(stats.cost, None)
         log.info("step 0 reused from %s", cache.run_dir)
         model = runner.load_model(cache.weights_path(0)).to(runner.device)
-        return model, cache.step_result(0)
+        result = get_task(r.protocol.task).stored_result(cache, 0)
+        return model, result, _SharedCost(cache.done_record(0).get("cost", {}), str(cache.run_dir))
+
+
+@dataclass(frozen=True)
+class _SharedCost:
+    """The shared step 0's cost, recorded in each run that uses it (``reused_from``: the cache folder when the
+    run did not train it itself, so a cost table does not count the training twice)."""
+
+    cost: dict
+    reused_from: str | None
 
 
 def run_sequence(specs: Sequence[RunSpec]) -> list[Path]:

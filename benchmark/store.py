@@ -214,6 +214,13 @@ class RunStore:
     def is_done(self, step: int) -> bool:
         return (self.step_dir(step) / DONE).is_file()
 
+    def done_record(self, step: int) -> dict:
+        """The JSON of a done step's DONE marker (files, finish time, extras such as its cost); {} if absent."""
+        try:
+            return json.loads((self.step_dir(step) / DONE).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def done_steps(self) -> list[int]:
         steps = []
         for d in self.run_dir.glob("step_*"):

@@ -202,3 +202,17 @@ def test_stored_predictions_rescore_to_metrics_csv(tmp_path):
         with np.load(folder / "per_image.npz") as data:
             assert data["iou_sum"].dtype == np.float64 and data["tp"].shape == (6, 20)
     assert predicted > 0          # something was predicted (by step 0's 60 iterations at least)
+    # a stored step read back (a shared step 0 reused by another run) stores the same artefacts again
+    from benchmark.store import RunStore
+    from benchmark.tasks import TASKS
+
+    task, source = TASKS["panoptic"], RunStore(run_dir)
+    result = task.stored_result(source, 0)
+    copy = RunStore(tmp_path / "copy")
+    copy.write_run_json({"method": "finetune", "protocol": "synth-pan-10-5", "seed": 0})
+    task.store_step(copy, 0, result, val_ds=None, weights_path=None, extra={},
+                    ident=dict(method="finetune", protocol=get_protocol("synth-pan-10-5"), seed=0))
+    for name in ("panoptic.json", "metrics.csv", "per_image.npz"):
+        assert (copy.step_dir(0) / name).read_bytes() == (source.step_dir(0) / name).read_bytes(), name
+    pngs = sorted(p.name for p in (source.step_dir(0) / "panoptic").iterdir())
+    assert pngs and pngs == sorted(p.name for p in (copy.step_dir(0) / "panoptic").iterdir())

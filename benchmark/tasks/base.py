@@ -120,6 +120,11 @@ class Task(ABC):
         """run.json entries naming the ground truth the metrics were computed against."""
         return {}
 
+    def stored_result(self, store, step: int):
+        """The raw result of a done step read back from ``store`` (what :meth:`store_step` takes), e.g. to
+        record a shared step 0 in each run that reuses it."""
+        return store.step_result(step)
+
     @abstractmethod
     def store_step(self, store, step: int, result: EvalResult, *, val_ds, ident: Mapping[str, Any],
                    weights_path, extra: Mapping[str, Any]) -> None:

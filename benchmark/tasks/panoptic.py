@@ -29,7 +29,7 @@ import torch.distributed as dist
 from benchmark.data.panoptic import PanopticTarget, id_to_rgb
 from benchmark.data.transforms import augment_instance
 from benchmark.engine.inference import panoptic_inference
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, DataError
 from benchmark.metrics.per_image import PerImageStats
 from benchmark.metrics.pq import PANOPTIC_STATS, Segment, image_pq_stats
 from benchmark.metrics.rows import panoptic_rows
@@ -114,6 +114,21 @@ class PanopticTask(Task):
 
     def run_header(self, val_ds):
         return {"val_panoptic_json": str(val_ds.json_path), "val_panoptic_root": str(val_ds.png_dir)}
+
+    def stored_result(self, store, step):
+        """The per-image statistics, ``panoptic.json`` and the prediction PNGs (when kept) of a done step."""
+        folder = store.step_dir(step)
+        per_image = store.read_per_image(step)
+        try:
+            document = json.loads((folder / "panoptic.json").read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read {folder / 'panoptic.json'}: {err}",
+                            hint="delete the step's DONE marker and run the step again") from None
+        pngs = folder / "panoptic"
+        predictions = ([(a["file_name"], (pngs / a["file_name"]).read_bytes()) for a in document["annotations"]]
+                       if pngs.is_dir() else None)
+        return EvalResult("panoptic", step, tuple(int(c) for c in per_image.class_ids), len(per_image.image_ids),
+                          per_image=per_image, extra={"panoptic_json": document, "predictions": predictions})
 
     def store_step(self, store, step, result, *, val_ds, ident, weights_path, extra):
         stats = result.per_image
