@@ -99,6 +99,12 @@ def test_end_to_end_writes_the_store_and_the_report(finished):
         assert 0 < cost["trainable_params"] <= cost["total_params"]
         assert cost["device_hours"] == pytest.approx(cost["wall_time_s"] / 3600, abs=1e-6)
     assert "parameters trained; mean loss" in (run / "log.txt").read_text()
+    costs = pd.read_csv(out / "report" / "cost.csv")
+    mine = costs[costs["method"] == "finetune"].set_index("step")
+    assert sorted(mine.index) == [0, 1, 2] and (mine["wall_time_s"] > 0).all()
+    assert mine.loc[1, "images_per_s"] == pytest.approx(
+        json.loads((run / "step_01" / "DONE").read_text())["cost"]["images_per_s"])
+    assert "| finetune" in (out / "report" / "cost.md").read_text()
     rows = metrics(run)
     assert set(rows["step"]) == {0, 1, 2} and set(rows["metric"]) == {"iou"}
     assert len(rows) == 3 * 20 and not rows.duplicated(["step", "class_id", "metric"]).any()

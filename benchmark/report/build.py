@@ -71,6 +71,9 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     if iv.orders is not None and len(iv.orders):
         written += [_write_text(out / "orders.csv", _csv(iv.orders)),
                     _write_text(out / "orders_significance.csv", _csv(iv.orders_significance))]
+    costs = cost_rows(results_dir, raw)
+    if len(costs):
+        written += [_write_text(out / "cost.csv", _csv(costs)), _write_text(out / "cost.md", cost_markdown(costs))]
     if options.plots:
         written += _plots(iv, prepared, layouts, out)
     runs = raw.drop_duplicates("run_dir")[["run_dir", "protocol", "method", "seed"]]
@@ -87,6 +90,49 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     }
     written.append(_write_text(out / "report.json", json.dumps(info, indent=2) + "\n"))
     return out
+
+
+COST_FIELDS = ("wall_time_s", "images_per_s", "device_hours", "peak_memory_mib", "trainable_params", "total_params")
+
+
+def cost_rows(results_dir: str | Path, raw) -> "pd.DataFrame":
+    """One row per stored step with a cost record (the ``cost`` of its DONE marker): protocol, method, seed,
+    step, the cost fields, the memory kind and ``reused_from`` (a shared step 0 trained in another folder)."""
+    import pandas as pd
+
+    from benchmark.store import RunStore
+
+    rows = []
+    for run_dir, run in raw.groupby("run_dir", sort=True):
+        store, first = RunStore(Path(results_dir) / run_dir), run.iloc[0]
+        for step in store.done_steps():
+            cost = store.done_record(step).get("cost")
+            if cost:
+                rows.append({"protocol": first["protocol"], "method": first["method"], "seed": int(first["seed"]),
+                             "step": int(step), **{k: cost.get(k) for k in COST_FIELDS},
+                             "peak_memory_kind": cost.get("peak_memory_kind"),
+                             "reused_from": cost.get("reused_from", "")})
+    return pd.DataFrame(rows)
+
+
+def cost_markdown(costs) -> str:
+    """Per protocol a method x step table of the mean cost over seeds (wall time, images/s, peak memory,
+    trainable parameters); a shared step 0 is marked, since its training was paid once."""
+    from tabulate import tabulate
+
+    parts = []
+    for protocol, rows in costs.groupby("protocol", sort=True):
+        means = rows.groupby(["method", "step"], sort=True).agg(
+            wall=("wall_time_s", "mean"), speed=("images_per_s", "mean"), memory=("peak_memory_mib", "max"),
+            trainable=("trainable_params", "max"), total=("total_params", "max"),
+            shared=("reused_from", lambda v: any(bool(x) for x in v)), seeds=("seed", "nunique")).reset_index()
+        table = [[r.method, r.step, f"{r.wall:.1f}" + (" (shared)" if r.shared else ""), f"{r.speed:.2f}",
+                  f"{r.memory:.0f}", f"{int(r.trainable):,} / {int(r.total):,}", r.seeds]
+                 for r in means.itertuples()]
+        parts.append(f"## {protocol}\n\n" + tabulate(
+            table, headers=["method", "step", "train s", "images/s", "peak MiB", "trainable / total params", "seeds"],
+            tablefmt="github"))
+    return "# Cost per step (means over seeds; memory and parameters: max)\n\n" + "\n\n".join(parts) + "\n"
 
 
 def analyse(results_dir: str | Path, prepared, scores, options: ReportOptions) -> Intervals:
