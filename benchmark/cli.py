@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per job")
     p.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job")
     p.add_argument("--slurm-folder", default=None, help="submitit log folder (default: <out>/slurm)")
+    p.add_argument("--slurm-max-timeouts", type=int, default=3,
+                   help="requeue a job that hits its time limit at most this many times (preemptions are "
+                        "always requeued); it resumes from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print steps, classes, image counts and run ids")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run folder whose recorded configuration differs from this command")
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = default_jobs(specs) if args.jobs == "auto" else args.jobs
         run_dirs = run_grid(specs, jobs=jobs, launcher=args.launcher, slurm=dict(
             partition=args.slurm_partition, time=args.slurm_time, gpus=args.slurm_gpus,
+            max_timeouts=args.slurm_max_timeouts,
             folder=args.slurm_folder or str(Path(args.out) / "slurm")))
         if run_dirs and not args.no_report and _is_main_process():
             from benchmark.report import write_report

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from benchmark.errors import ConfigError, UserError
+from benchmark.errors import ConfigError, EnvironmentProblem, UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _assign_gpus(specs: Sequence, jobs: int) -> list:
     return [replace(s, device=f"cuda:{i % n}") if s.device.startswith("cuda") else s for i, s in enumerate(specs)]
 
 
-def _run_quiet(spec, threads: int | None = None) -> str:
+def _run_quiet(spec, threads: int | None = None, preemption=None) -> str:
     """Worker entry (joblib / submitit): one run, its path as a string (picklable).
 
     ``threads`` caps torch's intra-op threads of a CPU run, so that parallel runs share the cores instead
@@ -44,7 +44,7 @@ def _run_quiet(spec, threads: int | None = None) -> str:
         import torch
 
         torch.set_num_threads(threads)
-    return str(run_one(spec, show_progress=False))
+    return str(run_one(spec, show_progress=False, preemption=preemption))
 
 
 def default_jobs(specs: Sequence) -> int:
@@ -127,13 +127,24 @@ def run_grid(specs: Sequence, jobs: int = 1, launcher: str = "local", slurm: dic
 
 
 def make_slurm_executor(partition: str | None = None, time: int = 24 * 60, gpus: int = 1,
-                        folder: str = "results/slurm", cpus_per_task: int = 8, mem_gb: int = 64):
-    """A submitit executor for SLURM: one job per run, ``gpus`` GPUs each (torchrun-style tasks)."""
+                        folder: str = "results/slurm", cpus_per_task: int = 8, mem_gb: int = 64,
+                        max_timeouts: int = 3, signal_delay_s: int = 120):
+    """A submitit executor for SLURM: one job per run, ``gpus`` GPUs each (torchrun-style tasks).
+
+    Jobs requeue themselves on timeout or preemption (:class:`RequeueableRun`): SLURM signals them
+    ``signal_delay_s`` before the limit; a job is requeued after at most ``max_timeouts`` timeouts
+    (preemptions do not count), then fails with its log folder named.
+    """
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_timeouts)
+    except RuntimeError as err:     # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise EnvironmentProblem(f"--launcher slurm: {err}",
+                                 hint="run the command on a SLURM login node, or use the local launcher") from None
     params = dict(timeout_min=time, gpus_per_node=gpus, tasks_per_node=max(gpus, 1),
-                  cpus_per_task=cpus_per_task, mem_gb=mem_gb, name="cisdq-bench")
+                  cpus_per_task=cpus_per_task, mem_gb=mem_gb, name="cisdq-bench",
+                  slurm_signal_delay_s=signal_delay_s)
     if partition:
         params["slurm_partition"] = partition
     executor.update_parameters(**params)
@@ -146,7 +157,7 @@ def submit_grid(specs: Sequence, executor) -> list[Path]:
     Works with any submitit executor (SLURM, or ``submitit.LocalExecutor`` in tests). A failing job's
     error is re-raised here with the job's log folder so the user can read it.
     """
-    jobs = [executor.submit(_run_quiet, s) for s in specs]
+    jobs = [executor.submit(RequeueableRun(), s) for s in specs]
     log.info("submitted %d job(s): %s", len(jobs), ", ".join(str(j.job_id) for j in jobs))
     out = []
     for spec, job in zip(specs, jobs):
@@ -159,6 +170,38 @@ def submit_grid(specs: Sequence, executor) -> list[Path]:
                             f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}",
                             hint=f"see the job's logs under {getattr(job, 'paths', None) and job.paths.folder}")
     return out
+
+
+class RequeueableRun:
+    """A submitit job's callable that SLURM may requeue: one run, resumed where it stopped.
+
+    SLURM signals the job (USR2, ``signal_delay_s`` before the time limit, or on preemption). The run
+    stops at its next safe point (benchmark.engine.preemption: after the current iteration, with the
+    in-step checkpoint written), then submitit's handler calls ``checkpoint``, pickles what it returns and
+    requeues the job (``submitit.helpers.Checkpointable``'s protocol; at most ``max_num_timeout``
+    timeouts, 3 by default; preemptions do not count). The requeued job runs the same spec again and the
+    runner resumes: finished steps are skipped (DONE markers), the interrupted step continues from its
+    checkpoint, so no iteration is repeated. ``overwrite`` is dropped from the resubmitted spec: the
+    requeued job must resume its own run, not wipe it.
+    """
+
+    def __call__(self, spec) -> str:
+        from benchmark.engine.preemption import Preempted, PreemptionSignal
+
+        with PreemptionSignal() as stop:
+            try:
+                return _run_quiet(spec, preemption=stop)
+            except Preempted as reason:
+                log.warning("run %s/%s/seed%s: %s", spec.method, spec.protocol, spec.seed, reason)
+                stop.act()          # submitit: checkpoint() below, requeue, exit
+                raise
+
+    def checkpoint(self, spec):
+        import submitit
+
+        log.warning("run %s/%s/seed%s interrupted (timeout or preemption): requeued, it resumes from its "
+                    "last checkpoint", spec.method, spec.protocol, spec.seed)
+        return submitit.helpers.DelayedSubmission(RequeueableRun(), replace(spec, overwrite=False))
 
 
 def torchrun_env() -> dict[str, int]:

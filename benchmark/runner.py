@@ -306,16 +306,28 @@ def _log_to(path: Path, enabled: bool):
 class StepRunner:
     """Trains and evaluates the steps of one resolved run (the engine does the work)."""
 
-    def __init__(self, r: Resolved, show_progress: bool = True):
+    def __init__(self, r: Resolved, show_progress: bool = True, preemption=None):
         from benchmark.engine.device import DistributedContext
 
         self.r = r
+        # a PreemptionSignal (SLURM jobs): training and writing results stop at safe points only
+        self.preemption = preemption
         # under torchrun every rank binds its own GPU (local rank); without it this is resolve_device.
         self.dist = DistributedContext.from_env(r.spec.device)
         self.device = self.dist.device(r.spec.device)
         self.show_progress = show_progress and self.dist.is_main
         self._train_ds = None
         self._val_ds = None
+
+    def safe_points(self):
+        """A block in which a stop signal waits for the next safe point (training, writing results)."""
+        return self.preemption.deferred() if self.preemption else contextlib.nullcontext()
+
+    def stop_if_requested(self, where: str) -> None:
+        from benchmark.engine.preemption import Preempted
+
+        if self.preemption and self.preemption.requested:
+            raise Preempted(f"stopped after {where}")
 
     # datasets are opened lazily: a resumed run whose steps are all done opens nothing.
     @property
@@ -389,10 +401,12 @@ class StepRunner:
                              rank=self.dist.rank, world_size=self.dist.world_size)
         fingerprint = hashlib.sha256(json.dumps([r.config, r.protocol.fingerprint, r.spec.seed],
                                                 sort_keys=True).encode()).hexdigest()
-        stats = train_step_loop(model, r.method, ctx, loader, cfg,
-                                checkpoint_path=work_dir / f"step_{t:02d}.inprogress.pt",
-                                device=self.device, dist=self.dist, progress=self.show_progress,
-                                fingerprint=fingerprint, desc=f"{r.spec.method} step {t}/{proto.num_steps - 1}")
+        with self.safe_points():
+            stats = train_step_loop(model, r.method, ctx, loader, cfg,
+                                    checkpoint_path=work_dir / f"step_{t:02d}.inprogress.pt",
+                                    device=self.device, dist=self.dist, progress=self.show_progress,
+                                    fingerprint=fingerprint, desc=f"{r.spec.method} step {t}/{proto.num_steps - 1}",
+                                    stop=self.preemption and (lambda: self.preemption.requested))
         loader.close()
         r.method.after_step(ctx)
         return model, stats
@@ -429,15 +443,19 @@ def _cost_record(stats) -> dict:
     return {"cost": dict(stats.cost, **({"reused_from": reused} if reused else {}))}
 
 
-def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
-    """Run (or resume) every step of one (method, protocol, seed); returns the run folder."""
+def run_one(spec: RunSpec, show_progress: bool = True, preemption=None) -> Path:
+    """Run (or resume) every step of one (method, protocol, seed); returns the run folder.
+
+    ``preemption``: a :class:`~benchmark.engine.preemption.PreemptionSignal` (SLURM jobs); its signal stops
+    the run at the next safe point by raising ``Preempted`` (the job then requeues itself and resumes).
+    """
     from benchmark.store import RunStore
     from benchmark.tasks import get_task
 
     r = resolve(spec)
     run_dir = spec.run_dir(r.protocol.name)
     store = RunStore(run_dir)
-    runner = StepRunner(r, show_progress=show_progress)
+    runner = StepRunner(r, show_progress=show_progress, preemption=preemption)
     is_main = runner.dist.is_main
     if is_main:
         _check_recorded_config(store, r)
@@ -474,11 +492,13 @@ def run_one(spec: RunSpec, show_progress: bool = True) -> Path:
             seconds = time.time() - start
             timings[f"step_{t:02d}"] = round(seconds, 2)
             if is_main:
-                runner.write_step(store, t, model, result, seconds, stats)
-                store.write_run_json(header | {"timings": timings})
-                (run_dir / f"step_{t:02d}.inprogress.pt").unlink(missing_ok=True)
+                with runner.safe_points():
+                    runner.write_step(store, t, model, result, seconds, stats)
+                    store.write_run_json(header | {"timings": timings})
+                    (run_dir / f"step_{t:02d}.inprogress.pt").unlink(missing_ok=True)
             runner.dist.barrier()
             prev_weights = store.weights_path(t)
+            runner.stop_if_requested(f"step {t}")
     return run_dir
 
 
@@ -502,8 +522,9 @@ def _shared_step0(runner: StepRunner):
             model, stats = runner.train_step(0, None, cache.run_dir)
             result = runner.evaluate(model, 0)
             if runner.dist.is_main:
-                runner.write_step(cache, 0, model, result, 0.0, stats)
-                (cache.run_dir / "step_00.inprogress.pt").unlink(missing_ok=True)
+                with runner.safe_points():
+                    runner.write_step(cache, 0, model, result, 0.0, stats)
+                    (cache.run_dir / "step_00.inprogress.pt").unlink(missing_ok=True)
             runner.dist.barrier()
             return model, result, _SharedCost(stats.cost, None)
         log.info("step 0 reused from %s", cache.run_dir)

@@ -305,3 +305,41 @@ def test_splits_with_the_same_step0_share_it_in_overlap_mode_only(tmp_path):
     assert key("synth-10-5") != key("synth-5-5")                  # another step 0
     assert key("synth-10-5-disjoint") != key("synth-10-2-disjoint")   # disjoint images depend on later steps
     assert key("synth-10-5", "joint") != key("synth-10-5")
+
+
+def test_submitit_timeout_requeues_and_resumes(tmp_path):
+    """A job that receives SLURM's timeout signal (USR2) requeues itself and resumes from its in-step
+    checkpoint; its results equal an uninterrupted run's. submitit's local executor plays SLURM; with a
+    limit this short (under 10 minutes) submitit counts every signal as a timeout."""
+    import submitit
+
+    from benchmark.parallel import RequeueableRun, run_grid
+
+    long = ["--set", "joint.iterations=30"]
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "submitit"), max_num_timeout=2)
+    executor.update_parameters(timeout_min=5, signal_delay_s=1)
+    out = tmp_path / "slurm"
+    job = executor.submit(RequeueableRun(), spec("joint", out, long))
+    deadline = time.time() + 240
+    while not list(out.glob("**/step_00.inprogress.pt")):
+        assert time.time() < deadline and not job.done(), job.stdout()
+        time.sleep(0.2)
+    # the executor's process is a controller; the job itself is its child (as srun's task under SLURM)
+    [task] = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == job._process.pid]
+    os.kill(task, signal.SIGUSR2)
+    run_dir = Path(job.result())
+    assert (run_dir / "step_00" / "DONE").is_file()
+    stdout = job.stdout() or ""
+    assert "this job is timed-out" in stdout and "Requeued job" in stdout, stdout
+    assert "stopped at iteration" in (job.stderr() or "") + stdout
+    logs = "\n".join(p.read_text() for p in out.glob("**/log.txt"))
+    assert "step 0: resuming from iteration" in logs, logs
+    [reference] = run_grid([spec("joint", tmp_path / "ref", long)])
+    pd.testing.assert_frame_equal(metrics(run_dir), metrics(reference))
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

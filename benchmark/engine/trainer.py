@@ -25,7 +25,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as torch_dist
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from benchmark.batch import Batch
 from benchmark.engine.checkpoint import capture_rank_state, resume, save_checkpoint
 from benchmark.engine.device import DistributedContext, plan_batches, resolve_amp
+from benchmark.engine.preemption import Preempted
 from benchmark.engine.optim import AMP_DTYPES, TrainConfig, build_optimizer, build_scheduler
 from benchmark.errors import ConfigError, EnvironmentProblem, UserError
 from benchmark.progress import PROGRESS_RECORD
@@ -233,6 +234,15 @@ def _all_finite(value: float, dist: DistributedContext, device: torch.device) ->
     return bool(flag.item())
 
 
+def _any_rank(flag: bool, dist: DistributedContext, device: torch.device) -> bool:
+    """Whether ``flag`` holds on some rank (a signal may reach the ranks at different iterations)."""
+    if not dist.active:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -241,7 +251,8 @@ def _format_eta(seconds: float) -> str:
 def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, cfg: TrainConfig, *,
                     checkpoint_path: str | Path | None, device: torch.device | str,
                     dist: DistributedContext | None = None, progress: bool = True,
-                    fingerprint: str = "", desc: str | None = None) -> StepLog:
+                    fingerprint: str = "", desc: str | None = None,
+                    stop: Callable[[], bool] | None = None) -> StepLog:
     """Train ``model`` for ``cfg.iterations`` iterations of one continual step and return its log.
 
     model:      the bare model (already configured for the step); wrapped in DDP here when ``dist`` is active.
@@ -255,6 +266,9 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     checkpoint_path: the step's in-step checkpoint; an existing one written by the same settings is
                 resumed (a different configuration raises ConfigError); None disables checkpoints.
     fingerprint: the runner's hash of everything else the result depends on (see :func:`step_config`).
+    stop:       polled after every iteration (on any rank: all ranks stop together); when it returns true
+                the in-step checkpoint is written and :class:`~benchmark.engine.preemption.Preempted` is
+                raised (a cluster's timeout / preemption signal, benchmark.engine.preemption).
     progress:   show a tqdm bar (loss, ETA) on rank 0 when stderr is a terminal. Rank 0 also logs a line
                 per log point through ``logging`` (marked PROGRESS_RECORD, so that a console showing the bar
                 can drop it; log.txt keeps it). ``desc`` labels the bar (default ``step <t>``).
@@ -387,9 +401,15 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
                     eta = elapsed / (done - start) * (cfg.iterations - done)
                     logger.info("step %d: iteration %d/%d loss %.4f lr %.2e eta %s", ctx.step, done,
                                 cfg.iterations, row["loss"], lr, _format_eta(eta), extra={PROGRESS_RECORD: True})
-            if checkpoint_path is not None and (
-                    done == cfg.iterations or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            saved = checkpoint_path is not None and (
+                done == cfg.iterations or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0))
+            if saved:
                 save(done)
+            if stop is not None and _any_rank(stop(), dist, device):
+                if checkpoint_path is not None and not saved:
+                    save(done)
+                raise Preempted(f"step {ctx.step} stopped at iteration {done} of {cfg.iterations}"
+                                + ("; its checkpoint is saved" if checkpoint_path is not None else ""))
     finally:
         bar.close()
     log.wall_time = wall_before + time.perf_counter() - segment_start
