@@ -89,6 +89,7 @@ class Resolved:
 
 def resolve(spec: RunSpec) -> Resolved:
     from benchmark.data import AugConfig, LoaderConfig
+    from benchmark.data.weights import resolve_backbone_weights
     from benchmark.engine.optim import TrainConfig
     from benchmark.engine.presets import get_preset
     from benchmark.schedules import get_schedule
@@ -109,6 +110,13 @@ def resolve(spec: RunSpec) -> Resolved:
         joint=apply_overrides(schedule.joint, ov.get("joint", {}), "joint"),
     )
     preset = apply_overrides(get_preset(spec.engine), ov.get("model", {}), "model")
+    backbone_weights = resolve_backbone_weights(spec.backbone_weights, preset.name)
+    if preset.pretrained and backbone_weights is None and not preset.from_scratch:
+        raise ConfigError(f"the {preset.name} preset starts from ImageNet weights in every paper, and none were "
+                          f"given: trained from random weights its numbers mean nothing",
+                          hint=f"run `python -m benchmark.data.prepare weights {preset.name}` once, then add "
+                               f"--backbone-weights {preset.name}; to train from scratch on purpose add "
+                               f"--set model.from_scratch=true")
     per_step = sorted(set(ov.get("train", {})) & {"iterations", "batch_size", "lr"})
     if per_step:
         raise ConfigError(f"train.{per_step[0]} is set per step by the schedule",
@@ -134,7 +142,7 @@ def resolve(spec: RunSpec) -> Resolved:
     config = {"loss": to_jsonable(criterion),
         "engine": spec.engine, "schedule": schedule.to_dict(), "model": to_jsonable(preset),
         "train": to_jsonable(train), "data": {"aug": to_jsonable(aug), "loader": to_jsonable(loader)},
-        "method_hparams": method.hparams.to_dict(), "backbone_weights": spec.backbone_weights,
+        "method_hparams": method.hparams.to_dict(), "backbone_weights": backbone_weights,
     }
     if eval_options is not None:
         config["eval"] = to_jsonable(eval_options)
@@ -348,10 +356,11 @@ class StepRunner:
         proto = self.r.train_protocol
         layout = self.r.method.initial_layout(proto, self.r.preset)
         model = build_model(self.r.preset, layout)
-        if self.r.spec.backbone_weights:
+        weights = self.r.config["backbone_weights"]       # a path: names are resolved in resolve()
+        if weights:
             from benchmark.engine.backbone_weights import load_backbone_weights
 
-            load_backbone_weights(model, self.r.spec.backbone_weights)
+            load_backbone_weights(model, weights)
         return model
 
     def load_model(self, weights_path: Path):

@@ -276,7 +276,8 @@ def test_schedule_sets_the_augmentation_defaults_and_set_wins(tmp_path):
     r = resolve(RunSpec(method="finetune", protocol=PROTOCOL, device="cpu", out=str(tmp_path), overrides=ov))
     assert r.aug.color_jitter and r.aug.scale_range == (1.0, 1.0)
     real = resolve(RunSpec(method="finetune", protocol="ade-100-50", schedule="paper", engine="r50",
-                           data_root=str(tmp_path), out=str(tmp_path)))
+                           data_root=str(tmp_path), out=str(tmp_path),
+                           overrides=(("model", (("from_scratch", "true"),)),)))
     assert real.aug == AugConfig(crop_size=real.aug.crop_size)     # Mask2Former's recipe
 
 

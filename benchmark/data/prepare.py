@@ -10,6 +10,10 @@ from the semantic and instance annotations, COCO's panoptic PNGs unpacked from t
 ``panoptic_annotations_trainval2017.zip``), then checks again. ``--verify``
 also reads every annotation once (which fills the class-presence cache). ``synth`` generates the
 synthetic dataset under DIR (default: the cache dir); there is nothing to download.
+
+    python -m benchmark.data.prepare weights r50|r101|swin-t|swin-b [--root DIR]
+
+fetches the ImageNet backbone a paper preset starts from and converts it once (benchmark.data.weights).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from .download import Source, count_files, download, extract, file_sha256
 from .panoptic import panoptic_layout
 from .registry import open_dataset
 from .synth import SynthSpec, ensure_synth
+from .weights import SOURCES as WEIGHT_SOURCES
+from .weights import load_weight_sources, prepare_weights
 
 DATASETS = ("voc", "ade", "coco", "ade-inst", "ade-pan", "coco-pan", "synth")
 SOURCES = Path(__file__).with_name("sources.json")
@@ -171,17 +177,30 @@ def prepare(dataset: str, root: Path, *, download_missing: bool = False, verify:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.data.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=DATASETS)
-    parser.add_argument("--root", default=None, help="the data root (for synth: where to generate; default cache dir)")
+    parser.add_argument("dataset", choices=DATASETS + ("weights",),
+                        help="a dataset, or 'weights' followed by the name of pretrained backbone weights")
+    parser.add_argument("name", nargs="?", help="weights: " + " | ".join(load_weight_sources()))
+    parser.add_argument("--root", default=None, help="the data root (synth: where to generate, default the cache dir; "
+                                                     "weights: where to write, default $CISDQ_BENCH_WEIGHTS or "
+                                                     "<cache dir>/weights)")
     parser.add_argument("--download", action="store_true", help="fetch, verify, extract and convert what is missing")
     parser.add_argument("--verify", action="store_true", help="also read every annotation once")
-    parser.add_argument("--sources", default=str(SOURCES), help="archive list (default: benchmark/data/sources.json)")
+    parser.add_argument("--sources", default=str(SOURCES), help="archive list (default: benchmark/data/sources.json; "
+                                                                "weights: benchmark/data/weights.json)")
     parser.add_argument("--keep-archives", action="store_true", help="keep downloaded archives after extraction")
     parser.add_argument("--num-classes", type=int, default=20, help="synth: number of classes K")
     parser.add_argument("--seed", type=int, default=0, help="synth: dataset seed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
+        if args.dataset == "weights":
+            if args.name is None:
+                parser.error("weights: name the weights, e.g. `weights r50` (" + ", ".join(load_weight_sources()) + ")")
+            prepare_weights(args.name, args.root, sources_path=Path(args.sources) if args.sources != str(SOURCES)
+                            else WEIGHT_SOURCES, keep_download=args.keep_archives, progress=not args.quiet)
+            return 0
+        if args.name is not None:
+            parser.error(f"unexpected argument {args.name!r} after {args.dataset}")
         if args.dataset == "synth":
             spec = SynthSpec(num_classes=args.num_classes, seed=args.seed)
             folder = ensure_synth(spec, args.root, progress=not args.quiet)

@@ -50,7 +50,7 @@ _ARCH_FIELDS = {
                "downsample_in_bottleneck"),
     "swin": ("embed_dim", "depths", "num_heads", "window_size", "patch_size", "mlp_ratio"),
 }
-_HEAD_KEY = re.compile(r"^(classifier|fc|linear|fc1000|stem\.fc|pooler)(\.|$)")
+_HEAD_KEY = re.compile(r"^(classifier|fc|linear|fc1000|stem\.fc|pooler|head)(\.|$)")
 _NEW_LAYER_KEY = re.compile(r"^hidden_states_norms\.")
 
 
@@ -181,11 +181,15 @@ def _from_file(backbone, path: Path) -> tuple[BackboneLoadReport, dict[str, Tens
     raw = _read_state(path)
     state, ignored = _unwrap(raw, path)
     naming = _naming(state, backbone)
-    if naming in ("torchvision", "detectron2") and backbone.config.model_type != "resnet":
-        raise ConfigError(f"{path} holds ResNet weights ({naming} names) but the preset's backbone is "
-                          f"{backbone.config.model_type!r}",
-                          hint="Swin weights must be a transformers folder or use transformers' key names")
-    rename = {"torchvision": _torchvision_to_hf, "detectron2": _detectron2_to_hf, "hf-names": _hf_to_hf}[naming]
+    expected = "swin" if naming == "swin-original" else "resnet"
+    if naming != "hf-names" and backbone.config.model_type != expected:
+        raise ConfigError(f"{path} holds {expected} weights ({naming} names) but the preset's backbone is "
+                          f"{backbone.config.model_type!r}", hint=f"choose weights of the preset's architecture")
+    if naming == "swin-original":
+        state, buffers = _split_swin_qkv(state)
+        ignored += buffers
+    rename = {"torchvision": _torchvision_to_hf, "detectron2": _detectron2_to_hf, "hf-names": _hf_to_hf,
+              "swin-original": _swin_to_hf}[naming]
     report = BackboneLoadReport(str(path), naming, ignored=sorted(ignored))
     model_state = backbone.state_dict()
     tensors: dict[str, Tensor] = {}
@@ -194,6 +198,8 @@ def _from_file(backbone, path: Path) -> tuple[BackboneLoadReport, dict[str, Tens
             report.ignored.append(name)
             continue
         target = rename(name)
+        if target is not None and target not in model_state and f"swin.{target}" in model_state:
+            target = f"swin.{target}"        # transformers' SwinBackbone nests the encoder under ``swin.``
         if target is None or target not in model_state:
             report.unexpected.append(name)
         elif tuple(value.shape) != tuple(model_state[target].shape):
@@ -267,6 +273,8 @@ def _naming(state: dict[str, Tensor], backbone) -> str:
         raise ConfigError("these are caffe2/MSRA-style detectron2 weights (stride in the 1x1 conv)",
                           hint="use torchvision-converted weights (Mask2Former's configs load "
                                "detectron2://ImageNetPretrained/torchvision/R-50.pkl) or a torchvision .pth")
+    if any(n.startswith("patch_embed.") for n in names) and any(".attn.qkv." in n for n in names):
+        return "swin-original"
     if any(n.startswith(("stem.", "res2.", "res3.", "res4.", "res5.")) for n in names):
         return "detectron2"
     if any(n.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")) for n in names):
@@ -307,6 +315,51 @@ def _detectron2_to_hf(name: str) -> str | None:
         if layer == "shortcut":
             return f"{prefix}.shortcut.{part}.{tensor}"
         return f"{prefix}.layer.{int(layer[-1]) - 1}.{part}.{tensor}"
+    return None
+
+
+# The original Swin release (microsoft/Swin-Transformer ``swin_transformer.py``; the ``.pth`` files of
+# github.com/SwinTransformer/storage that Mask2Former converts with convert-pretrained-swin-model-to-d2.py).
+_SWIN_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_SWIN_BLOCK_PARTS = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.q": "attention.q_proj",
+                     "attn.k": "attention.k_proj", "attn.v": "attention.v_proj", "attn.proj": "attention.o_proj",
+                     "attn.relative_position_bias_table": "attention.relative_position_bias.relative_position_bias_table",
+                     "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_SWIN_BUFFERS = re.compile(r"(relative_position_index|attn_mask)$")
+
+
+def _split_swin_qkv(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The fused ``attn.qkv`` projection as three (rows q, k, v in that order, as the original's
+    ``reshape(B, N, 3, heads, C // heads)``), and the computed buffers (relative position index, shifted
+    window masks) left out: transformers computes them itself."""
+    out, buffers = {}, []
+    for name, value in state.items():
+        if _SWIN_BUFFERS.search(name):
+            buffers.append(name)
+        elif ".attn.qkv." in name:
+            for part, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[name.replace(".attn.qkv.", f".attn.{part}.")] = chunk.contiguous()
+        else:
+            out[name] = value
+    return out, buffers
+
+
+def _swin_to_hf(name: str) -> str | None:
+    if name.startswith("patch_embed.proj."):
+        return "embeddings.patch_embeddings.projection." + name.rsplit(".", 1)[1]
+    if name.startswith("patch_embed.norm."):
+        return "embeddings.norm." + name.rsplit(".", 1)[1]
+    if name.startswith("norm."):
+        return "layernorm." + name.rsplit(".", 1)[1]
+    if match := re.match(r"^layers\.(\d+)\.downsample\.(reduction|norm)\.(\w+)$", name):
+        return f"encoder.layers.{match[1]}.downsample.{match[2]}.{match[3]}"
+    if match := _SWIN_BLOCK.match(name):
+        prefix, rest = f"encoder.layers.{match[1]}.blocks.{match[2]}", match[3]
+        if rest in _SWIN_BLOCK_PARTS:                    # a parameter without .weight/.bias (the bias table)
+            return f"{prefix}.{_SWIN_BLOCK_PARTS[rest]}"
+        part, _, tensor = rest.rpartition(".")
+        if part in _SWIN_BLOCK_PARTS:
+            return f"{prefix}.{_SWIN_BLOCK_PARTS[part]}.{tensor}"
     return None
 
 
