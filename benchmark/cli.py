@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-max-timeouts", type=int, default=3,
                    help="requeue a job that hits its time limit at most this many times (preemptions are "
                         "always requeued); it resumes from its last checkpoint")
+    p.add_argument("--track", choices=("none", "tensorboard", "wandb"), default="none",
+                   help="log every iteration's loss terms, lr and grad norm and every step's metrics to "
+                        "TensorBoard (<run>/tensorboard) or Weights & Biases (pip install -e \".[track]\")")
     p.add_argument("--dry-run", action="store_true", help="print steps, classes, image counts and run ids")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run folder whose recorded configuration differs from this command")
@@ -126,7 +129,7 @@ def specs_from_args(args: argparse.Namespace):
         RunSpec(method=m, protocol=p, seed=s, engine=engine, schedule=schedule,
                 data_root=args.data_root or _default_data_root(), device=device, out=args.out,
                 overrides=frozen_overrides, backbone_weights=args.backbone_weights,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, track=args.track)
         for p in names for m in methods for s in (args.seeds or DEFAULT_SEEDS)
     ]
     return specs

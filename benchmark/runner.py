@@ -52,6 +52,7 @@ class RunSpec:
     overrides: tuple = ()          # ((section, ((key, raw value), ...)), ...)
     backbone_weights: str | None = None
     overwrite: bool = False
+    track: str = "none"            # benchmark.tracking: none | tensorboard | wandb (not part of the results)
 
     @property
     def override_dict(self) -> dict[str, dict[str, str]]:
@@ -314,18 +315,29 @@ def _log_to(path: Path, enabled: bool):
 class StepRunner:
     """Trains and evaluates the steps of one resolved run (the engine does the work)."""
 
-    def __init__(self, r: Resolved, show_progress: bool = True, preemption=None):
+    def __init__(self, r: Resolved, show_progress: bool = True, preemption=None, tracker=None):
         from benchmark.engine.device import DistributedContext
 
         self.r = r
         # a PreemptionSignal (SLURM jobs): training and writing results stop at safe points only
         self.preemption = preemption
+        self.tracker = tracker           # benchmark.tracking (rank 0 only), or None
         # under torchrun every rank binds its own GPU (local rank); without it this is resolve_device.
         self.dist = DistributedContext.from_env(r.spec.device)
         self.device = self.dist.device(r.spec.device)
         self.show_progress = show_progress and self.dist.is_main
         self._train_ds = None
         self._val_ds = None
+
+    def iteration_offset(self, t: int) -> int:
+        """Iterations of the steps before ``t``: the tracker's global x axis."""
+        return sum(self.r.schedule.for_step(k, joint=self.r.method.joint).iterations for k in range(t))
+
+    def track_step_metrics(self, run_dir: Path, t: int) -> None:
+        if self.tracker is not None:
+            from benchmark.tracking import step_metric_values
+
+            self.tracker.log(step_metric_values(run_dir, t), self.iteration_offset(t + 1))
 
     def safe_points(self):
         """A block in which a stop signal waits for the next safe point (training, writing results)."""
@@ -415,10 +427,19 @@ class StepRunner:
                                     checkpoint_path=work_dir / f"step_{t:02d}.inprogress.pt",
                                     device=self.device, dist=self.dist, progress=self.show_progress,
                                     fingerprint=fingerprint, desc=f"{r.spec.method} step {t}/{proto.num_steps - 1}",
-                                    stop=self.preemption and (lambda: self.preemption.requested))
+                                    stop=self.preemption and (lambda: self.preemption.requested),
+                                    on_iteration=self._iteration_hook(t))
         loader.close()
         r.method.after_step(ctx)
         return model, stats
+
+    def _iteration_hook(self, t: int):
+        if self.tracker is None:
+            return None
+        from benchmark.tracking import iteration_values
+
+        offset = self.iteration_offset(t)
+        return lambda done, row: self.tracker.log(iteration_values(row, t), offset + done)
 
     def evaluate(self, model, t: int):
         from benchmark.data import EvalView, eval_loader
@@ -457,14 +478,28 @@ def run_one(spec: RunSpec, show_progress: bool = True, preemption=None) -> Path:
 
     ``preemption``: a :class:`~benchmark.engine.preemption.PreemptionSignal` (SLURM jobs); its signal stops
     the run at the next safe point by raising ``Preempted`` (the job then requeues itself and resumes).
+    ``spec.track``: the experiment tracker rank 0 writes to (benchmark.tracking).
     """
     from benchmark.store import RunStore
-    from benchmark.tasks import get_task
 
     r = resolve(spec)
     run_dir = spec.run_dir(r.protocol.name)
     store = RunStore(run_dir)
     runner = StepRunner(r, show_progress=show_progress, preemption=preemption)
+    is_main = runner.dist.is_main
+    with contextlib.ExitStack() as stack:
+        if is_main and spec.track != "none":
+            from benchmark.tracking import make_tracker
+
+            runner.tracker = make_tracker(spec.track, run_dir, f"{r.protocol.name}/{spec.method}/seed{spec.seed}",
+                                          r.config)
+            stack.callback(runner.tracker.close)
+        return _run_steps(spec, r, run_dir, store, runner)
+
+
+def _run_steps(spec: RunSpec, r: Resolved, run_dir: Path, store, runner: "StepRunner") -> Path:
+    from benchmark.tasks import get_task
+
     is_main = runner.dist.is_main
     if is_main:
         _check_recorded_config(store, r)
@@ -505,6 +540,7 @@ def run_one(spec: RunSpec, show_progress: bool = True, preemption=None) -> Path:
                     runner.write_step(store, t, model, result, seconds, stats)
                     store.write_run_json(header | {"timings": timings})
                     (run_dir / f"step_{t:02d}.inprogress.pt").unlink(missing_ok=True)
+                runner.track_step_metrics(run_dir, t)
             runner.dist.barrier()
             prev_weights = store.weights_path(t)
             runner.stop_if_requested(f"step {t}")

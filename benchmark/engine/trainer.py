@@ -234,6 +234,21 @@ def _all_finite(value: float, dist: DistributedContext, device: torch.device) ->
     return bool(flag.item())
 
 
+def _iteration_row(terms: list[Mapping[str, Tensor]], lr: float, grad_norm: Tensor | None) -> dict[str, float]:
+    """One iteration's values: each term's mean over the micro-batches that have it, their sum, lr, norm."""
+    sums: dict[str, list[float]] = {}
+    for micro in terms:
+        for name, value in micro.items():
+            entry = sums.setdefault(name, [0.0, 0])
+            entry[0] += float(value)
+            entry[1] += 1
+    means = {name: total / count for name, (total, count) in sums.items()}
+    row = {"loss": sum(means.values()), **means, "lr": lr}
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    return row
+
+
 def _any_rank(flag: bool, dist: DistributedContext, device: torch.device) -> bool:
     """Whether ``flag`` holds on some rank (a signal may reach the ranks at different iterations)."""
     if not dist.active:
@@ -252,7 +267,8 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
                     checkpoint_path: str | Path | None, device: torch.device | str,
                     dist: DistributedContext | None = None, progress: bool = True,
                     fingerprint: str = "", desc: str | None = None,
-                    stop: Callable[[], bool] | None = None) -> StepLog:
+                    stop: Callable[[], bool] | None = None,
+                    on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> StepLog:
     """Train ``model`` for ``cfg.iterations`` iterations of one continual step and return its log.
 
     model:      the bare model (already configured for the step); wrapped in DDP here when ``dist`` is active.
@@ -269,6 +285,10 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
     stop:       polled after every iteration (on any rank: all ranks stop together); when it returns true
                 the in-step checkpoint is written and :class:`~benchmark.engine.preemption.Preempted` is
                 raised (a cluster's timeout / preemption signal, benchmark.engine.preemption).
+    on_iteration: called on rank 0 after every iteration with (iterations done, {"loss", every term (means
+                over the iteration's micro-batches), "lr", "grad_norm" (pre-clip, when clipping)}) for
+                experiment tracking (benchmark.tracking); reading the values synchronises the device once
+                per iteration, so it is only done when a callback is given.
     progress:   show a tqdm bar (loss, ETA) on rank 0 when stderr is a terminal. Rank 0 also logs a line
                 per log point through ``logging`` (marked PROGRESS_RECORD, so that a console showing the bar
                 can drop it; log.txt keeps it). ``desc`` labels the bar (default ``step <t>``).
@@ -355,6 +375,7 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
         for it in range(start, cfg.iterations):
             ctx.iteration = it
             optimizer.zero_grad(set_to_none=True)
+            iteration_terms = []
             for micro in range(plan.accumulation):
                 batch = next(batches)
                 if len(batch) != plan.micro_batch:
@@ -365,10 +386,15 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
                         hint="build the loader with plan_batches(batch_size, world_size, max_device_batch).micro_batch")
                 sync = micro == plan.accumulation - 1 or not dist.active
                 with nullcontext() if sync else net.no_sync():
-                    log.add(forward_backward(batch.to(device)))
+                    terms = forward_backward(batch.to(device))
+                    log.add(terms)
+                    if on_iteration is not None:
+                        iteration_terms.append(terms)
             scaler.unscale_(optimizer)
+            grad_norm = None
             if cfg.grad_clip > 0:
-                log.add_grad_norm(torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip))
+                grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
+                log.add_grad_norm(grad_norm)
             scaler.step(optimizer)
             scaler.update()
             done = it + 1
@@ -383,6 +409,8 @@ def train_step_loop(model: nn.Module, method: Any, ctx: Any, loader: Iterable, c
             else:
                 scheduler.step()
             bar.update(1)
+            if on_iteration is not None and dist.is_main:
+                on_iteration(done, _iteration_row(iteration_terms, lr, grad_norm))
 
             if log_point:
                 row = log.flush(done, lr)
