@@ -74,6 +74,12 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     costs = cost_rows(results_dir, raw)
     if len(costs):
         written += [_write_text(out / "cost.csv", _csv(costs)), _write_text(out / "cost.md", cost_markdown(costs))]
+    if options.published:
+        from benchmark.report.published import compare, markdown
+
+        comparison = compare(iv.summary, _engines(results_dir, raw))
+        written += [_write_text(out / "published.csv", _csv(comparison)),
+                    _write_text(out / "published.md", markdown(comparison, options.decimals))]
     if options.plots:
         written += _plots(iv, prepared, layouts, out)
     runs = raw.drop_duplicates("run_dir")[["run_dir", "protocol", "method", "seed"]]
@@ -113,6 +119,17 @@ def cost_rows(results_dir: str | Path, raw) -> "pd.DataFrame":
                              "peak_memory_kind": cost.get("peak_memory_kind"),
                              "reused_from": cost.get("reused_from", "")})
     return pd.DataFrame(rows)
+
+
+def _engines(results_dir: Path, raw) -> dict[tuple[str, str], str]:
+    """The model preset of each (protocol, method), from the runs' run.json ("?" when not recorded)."""
+    from benchmark.store import RunStore
+
+    engines = {}
+    for run_dir, run in raw.groupby("run_dir", sort=True):
+        config = (RunStore(Path(results_dir) / run_dir).read_run_json() or {}).get("config", {})
+        engines[(run.iloc[0]["protocol"], run.iloc[0]["method"])] = config.get("engine", "?")
+    return engines
 
 
 def cost_markdown(costs) -> str:
@@ -167,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decimals", type=int, choices=range(0, 5), default=1, metavar="{0..4}",
                    help="decimals in the tables (default 1)")
     p.add_argument("--no-plots", action="store_true", help="only the CSV and table files (no PNG)")
+    p.add_argument("--published", action="store_true",
+                   help="also put the published numbers (benchmark/report/published.csv) next to the runs' "
+                        "final-step numbers, with the difference and the conventions that differ "
+                        "(published.csv, published.md)")
     p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, metavar="N",
                    help=f"bootstrap resamples of the confidence intervals (default {DEFAULT_RESAMPLES}; 0 = none)")
     p.add_argument("--ci-seed", type=int, default=0, metavar="S", help="seed of the bootstrap draws (default 0)")
@@ -182,10 +203,12 @@ def report_main(argv: Sequence[str] | None = None) -> int:
         out = write_report(args.results_dir, args.out,
                            ReportOptions(voc_background=args.voc_background, decimals=args.decimals,
                                          plots=not args.no_plots, resamples=args.resamples, ci_seed=args.ci_seed,
-                                         confidence=args.confidence))
+                                         confidence=args.confidence, published=args.published))
     except UserError as err:
         return err.report()
     print((out / "tables.md").read_text())
+    if args.published:
+        print((out / "published.md").read_text())
     print(f"report written to {out}")
     return 0
 

@@ -53,6 +53,7 @@ class ReportOptions:
     resamples: int = DEFAULT_RESAMPLES
     ci_seed: int = 0
     confidence: float = DEFAULT_LEVEL
+    published: bool = False       # also write published.csv / published.md (benchmark.report.published)
 
     def __post_init__(self) -> None:
         check_voc_background(self.voc_background)
