@@ -513,6 +513,7 @@ def _run_steps(spec: RunSpec, r: Resolved, run_dir: Path, store, runner: "StepRu
     }
     recorded = store.read_run_json() or {}
     timings = dict(recorded.get("timings", {}))
+    costs = dict(recorded.get("costs", {}))       # each step's cost record, as in its DONE marker
     with _log_to(run_dir / "log.txt", enabled=is_main):
         log.info("run %s: %s on %s, seed %d", run_dir, spec.method, r.protocol.name, spec.seed)
         prev_weights: Path | None = None
@@ -524,7 +525,7 @@ def _run_steps(spec: RunSpec, r: Resolved, run_dir: Path, store, runner: "StepRu
             if is_main:
                 header.update(get_task(r.protocol.task).run_header(runner.val_ds))
             if is_main:
-                store.write_run_json(header | {"timings": timings})
+                store.write_run_json(header | {"timings": timings, "costs": costs})
             start = time.time()
             stats = None
             if t == 0 and shares_step0(r):
@@ -535,10 +536,11 @@ def _run_steps(spec: RunSpec, r: Resolved, run_dir: Path, store, runner: "StepRu
                 result = runner.evaluate(model, t)
             seconds = time.time() - start
             timings[f"step_{t:02d}"] = round(seconds, 2)
+            costs.update({f"step_{t:02d}": record["cost"]} if (record := _cost_record(stats)) else {})
             if is_main:
                 with runner.safe_points():
                     runner.write_step(store, t, model, result, seconds, stats)
-                    store.write_run_json(header | {"timings": timings})
+                    store.write_run_json(header | {"timings": timings, "costs": costs})
                     (run_dir / f"step_{t:02d}.inprogress.pt").unlink(missing_ok=True)
                 runner.track_step_metrics(run_dir, t)
             runner.dist.barrier()

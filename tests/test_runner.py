@@ -98,6 +98,7 @@ def test_end_to_end_writes_the_store_and_the_report(finished):
         assert cost["peak_memory_kind"] == "process_peak_rss" and cost["devices"] == 1
         assert 0 < cost["trainable_params"] <= cost["total_params"]
         assert cost["device_hours"] == pytest.approx(cost["wall_time_s"] / 3600, abs=1e-6)
+        assert json.loads((run / "run.json").read_text())["costs"][f"step_{t:02d}"] == cost
     assert "parameters trained; mean loss" in (run / "log.txt").read_text()
     costs = pd.read_csv(out / "report" / "cost.csv")
     mine = costs[costs["method"] == "finetune"].set_index("step")
