@@ -315,13 +315,13 @@ def _log_to(path: Path, enabled: bool):
 class StepRunner:
     """Trains and evaluates the steps of one resolved run (the engine does the work)."""
 
-    def __init__(self, r: Resolved, show_progress: bool = True, preemption=None, tracker=None):
+    def __init__(self, r: Resolved, show_progress: bool = True, preemption=None):
         from benchmark.engine.device import DistributedContext
 
         self.r = r
         # a PreemptionSignal (SLURM jobs): training and writing results stop at safe points only
         self.preemption = preemption
-        self.tracker = tracker           # benchmark.tracking (rank 0 only), or None
+        self.tracker = None              # benchmark.tracking (rank 0 only), set by run_one
         # under torchrun every rank binds its own GPU (local rank); without it this is resolve_device.
         self.dist = DistributedContext.from_env(r.spec.device)
         self.device = self.dist.device(r.spec.device)
@@ -536,7 +536,8 @@ def _run_steps(spec: RunSpec, r: Resolved, run_dir: Path, store, runner: "StepRu
                 result = runner.evaluate(model, t)
             seconds = time.time() - start
             timings[f"step_{t:02d}"] = round(seconds, 2)
-            costs.update({f"step_{t:02d}": record["cost"]} if (record := _cost_record(stats)) else {})
+            if record := _cost_record(stats):
+                costs[f"step_{t:02d}"] = record["cost"]
             if is_main:
                 with runner.safe_points():
                     runner.write_step(store, t, model, result, seconds, stats)

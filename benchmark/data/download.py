@@ -36,6 +36,8 @@ class Source:
     provides: tuple[str, ...]
     expect_files: dict = field(default_factory=dict)
     note: str = ""
+    # sha256 of the file; shorter than 64 hex digits it is a prefix (torchvision's file-name convention)
+    sha256: str | None = None
 
     @staticmethod
     def from_dict(entry: dict) -> "Source":
@@ -105,20 +107,28 @@ def download(source: Source, folder: Path, progress: bool = True) -> Path:
     """``folder/<source.file>``, downloaded (resuming a partial download) and checked against its md5."""
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / source.file
-    if dest.exists() and (source.md5 is None or file_md5(dest) == source.md5):
+    if dest.exists() and not _checksum_problem(dest, source):
         return dest
     dest.unlink(missing_ok=True)
     part = dest.with_name(dest.name + ".part")
     _fetch_part(source.url, part, source.file, progress)
-    if source.md5 is not None:
-        actual = file_md5(part)
-        if actual != source.md5:
-            part.unlink()
-            raise DataError(f"checksum mismatch for {source.url}: expected md5 {source.md5}, got {actual}",
-                            hint="the download is corrupt (or the server changed the file); run the command again "
-                                 "to download it from scratch")
+    problem = _checksum_problem(part, source)
+    if problem:
+        part.unlink()
+        raise DataError(f"checksum mismatch for {source.url}: {problem}",
+                        hint="the download is corrupt (or the server changed the file); run the command again "
+                             "to download it from scratch")
     os.replace(part, dest)
     return dest
+
+
+def _checksum_problem(path: Path, source: Source) -> str | None:
+    """What is wrong with ``path`` against the source's published checksums (md5, sha256 or its prefix)."""
+    if source.md5 is not None and (actual := file_md5(path)) != source.md5:
+        return f"expected md5 {source.md5}, got {actual}"
+    if source.sha256 is not None and not (actual := file_sha256(path)).startswith(source.sha256.lower()):
+        return f"expected sha256 {source.sha256}{'...' if len(source.sha256) < 64 else ''}, got {actual}"
+    return None
 
 
 def _inside(base: Path, name: str) -> bool:

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from benchmark.batch import Batch
 from benchmark.engine.checkpoint import capture_rank_state, resume, save_checkpoint
 from benchmark.engine.device import DistributedContext, plan_batches, resolve_amp
-from benchmark.engine.preemption import Preempted
 from benchmark.engine.optim import AMP_DTYPES, TrainConfig, build_optimizer, build_scheduler
+from benchmark.engine.preemption import Preempted
 from benchmark.errors import ConfigError, EnvironmentProblem, UserError
 from benchmark.progress import PROGRESS_RECORD
 
