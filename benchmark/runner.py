@@ -138,7 +138,7 @@ def resolve(spec: RunSpec) -> Resolved:
     if ov.get("eval") and task.eval_options is None:
         raise ConfigError(f"--set eval.{next(iter(ov['eval']))}: the evaluation of {protocol.name} ({task.name} "
                           "task) has no options", hint="drop the eval.* overrides for this protocol")
-    eval_options = task.resolve_eval_options(ov.get("eval", {}))
+    eval_options = task.resolve_eval_options({**method.eval_defaults(task.name), **ov.get("eval", {})})
     train_protocol = protocol.as_joint() if method.joint else protocol
     config = {"loss": to_jsonable(criterion),
         "engine": spec.engine, "schedule": schedule.to_dict(), "model": to_jsonable(preset),
@@ -252,9 +252,10 @@ def shares_step0(r: Resolved) -> bool:
 
     The standard step 0 of the methods that share it, and joint training: its single step is the same
     training for every protocol with the same classes, order and seed (``Protocol.as_joint`` gives
-    synth-10-5 and synth-10-2 one fingerprint), so a grid over several splits trains it once.
+    synth-10-5 and synth-10-2 one fingerprint), so a grid over several splits trains it once. A method with its
+    own step 0 (``Method.own_step0_recipe``, ECLIPSE's sigmoid classifier) is cached under its own key.
     """
-    return r.method.joint or r.method.shares_standard_step0
+    return r.method.joint or r.method.shares_standard_step0 or r.method.own_step0_recipe is not None
 
 
 def _step0_key(r: Resolved) -> str:
@@ -275,9 +276,13 @@ def _step0_key(r: Resolved) -> str:
         # share its model. Disjoint selection depends on the later steps, so there the whole split counts.
         split = {"dataset": protocol.dataset, "task": protocol.task, "mode": protocol.mode,
                  "step0": list(protocol.steps[0]), "classes": list(protocol.all_classes)}
-    blob = json.dumps({"protocol": split, "joint": bool(r.method.joint), "seed": r.spec.seed,
-                       "config": {k: v for k, v in r.config.items() if k not in ("method_hparams",)}
-                       | {"schedule": schedule}, "dataset": r.protocol.dataset, "layout": layout}, sort_keys=True)
+    key = {"protocol": split, "joint": bool(r.method.joint), "seed": r.spec.seed,
+           "config": {k: v for k, v in r.config.items() if k not in ("method_hparams",)}
+           | {"schedule": schedule}, "dataset": r.protocol.dataset, "layout": layout}
+    if not (r.method.joint or r.method.shares_standard_step0):
+        # the recipe and its hyper-parameters decide this step 0 (absent from the standard keys, which stay as they were)
+        key["recipe"] = [r.method.own_step0_recipe, r.config["method_hparams"]]
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -367,7 +372,7 @@ class StepRunner:
 
         proto = self.r.train_protocol
         layout = self.r.method.initial_layout(proto, self.r.preset)
-        model = build_model(self.r.preset, layout)
+        model = build_model(self.r.preset, layout, options=self.r.method.model_options())
         weights = self.r.config["backbone_weights"]       # a path: names are resolved in resolve()
         if weights:
             from benchmark.engine.backbone_weights import load_backbone_weights
@@ -380,7 +385,7 @@ class StepRunner:
         from benchmark.engine.model import build_model
 
         layout, state = load_weights(weights_path)
-        model = build_model(self.r.preset, layout)
+        model = build_model(self.r.preset, layout, options=self.r.method.model_options())
         model.load_state_dict(state)
         return model
 
@@ -450,7 +455,8 @@ class StepRunner:
         loader = eval_loader(EvalView(self.val_ds, sched.eval_size), workers=self.r.loader.evaluation_workers)
         return evaluate(model, loader, self.r.train_protocol, t, self.device, self.r.protocol.task,
                         mask_mode=self.r.criterion.mask_mode, options=self.r.eval_options, progress=self.show_progress,
-                        score_threshold=getattr(self.r.method, "instance_score_threshold", 0.0))
+                        score_threshold=getattr(self.r.method, "instance_score_threshold", 0.0),
+                        class_scores=self.r.method.class_scores)
 
     def write_step(self, store, t: int, model, result, seconds: float, stats=None) -> None:
         """Store step ``t``; its DONE record holds the seconds (training + evaluation) and, for a step trained
@@ -564,7 +570,8 @@ def _shared_step0(runner: StepRunner):
         if not runner.dist.all_gather_object(cache.is_done(0))[0]:       # rank 0 decides for the run
             log.info("training the shared step 0 in %s", cache.run_dir)
             if runner.dist.is_main:
-                cache.write_run_json({"method": "joint-cache" if r.method.joint else "step0-cache",
+                cache.write_run_json({"method": "joint-cache" if r.method.joint else
+                                      "-".join(filter(None, [r.method.own_step0_recipe, "step0-cache"])),
                                       "protocol": r.protocol.name, "seed": r.spec.seed,
                                       "config": r.config})
             model, stats = runner.train_step(0, None, cache.run_dir)

@@ -19,6 +19,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "comformer": ("methods.comformer", "CoMFormer"),
     "cisdq": ("methods.cisdq", "CisDQ"),
     "cisdq-kl": ("methods.cisdq", "CisDQKL"),
+    "eclipse": ("methods.eclipse", "ECLIPSE"),
+    "balconpas": ("methods.balconpas", "BalConpas"),
     "joint": ("methods.joint", "Joint"),
 }
 # Variants run only when named (--methods cisdq-kl), not in the default grid (methods.md: optional).

@@ -68,6 +68,8 @@ class Method:
       * ``shares_standard_step0``: step 0 is the standard engine step (the set loss on the base classes)
         on the model of :meth:`initial_layout`, so the runner trains it once per layout and reuses it for
         every such method (methods.md, schedules; the cache key includes the layout).
+      * ``own_step0_recipe``: a name for a method's own step 0 (its loss or model differs from the standard one):
+        the runner caches it under a key that includes the name and the method's hyper-parameters (ECLIPSE).
       * ``needs_old_model``: the engine builds the frozen previous-step model for steps t > 0 and runs
         it once per batch (no grad), handing its outputs to ``loss``.
       * ``joint``: train one step on every class (the upper bound).
@@ -76,6 +78,7 @@ class Method:
 
     name: str = "base"
     shares_standard_step0: bool = True
+    own_step0_recipe: str | None = None
     needs_old_model: bool = False
     joint: bool = False
     query_groups: bool = False
@@ -104,6 +107,12 @@ class Method:
         """Query groups of the step-0 model as (num_queries, num_columns): one standard group."""
         return [(preset.num_queries, len(protocol.steps[0]))]
 
+    def model_options(self):
+        """The structural options of every model this method builds (benchmark.engine.model.ModelOptions)."""
+        from benchmark.engine.model import ModelOptions
+
+        return ModelOptions()
+
     def configure_model(self, model, ctx: StepContext) -> None:
         """Grow the class head to the step's seen columns (default initialisation of new rows)."""
         model.grow_head(ctx.num_seen)
@@ -115,6 +124,17 @@ class Method:
              ctx: StepContext) -> dict[str, Tensor]:
         """The engine's set loss on the step's ground truth (every decoder layer)."""
         return ctx.criterion(outputs.layer_class_logits_of(0), outputs.layer_mask_logits, batch.targets)
+
+    def class_scores(self, outputs: "ModelOutputs"):
+        """Evaluation's post-logit hook: ``(class probabilities [B, Q, K], no-object [B, Q] or None)``.
+
+        Default: the shared softmax reading (``outputs.class_probs()``, no-object = 1 - sum).
+        """
+        return outputs.class_probs(), None
+
+    def eval_defaults(self, task: str) -> dict[str, Any]:
+        """The method's defaults for the task's ``--set eval.*`` options (the user's overrides win)."""
+        return {}
 
     def after_step(self, ctx: StepContext) -> None:
         """Called once after the last iteration of the step."""

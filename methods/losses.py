@@ -244,3 +244,27 @@ def pod_distillation(old_feats: Sequence[Tensor], new_feats: Sequence[Tensor], l
     factors = torch.ones_like(d)
     factors[-1] = last_factor
     return (factors * d).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# ECLIPSE
+# --------------------------------------------------------------------------------------------------
+
+def sigmoid_focal_class_loss(logits: Tensor, target_classes: Tensor, alpha: float = 5.0, gamma: float = 1.0,
+                             scale: float = 50.0) -> Tensor:
+    """ECLIPSE's class loss (clovaai/ECLIPSE continual/method_wrapper/loss.py L11-28, selected by ``FOCAL True``,
+    ``SOFTCLS False``; reference eclipse-balconpas A5): sigmoid focal loss over the ``K + 1`` columns.
+
+    ``logits`` [B, Q, K+1] (no-object last), ``target_classes`` [B, Q] in 0..K (K = no-object). The target is
+    one-hot over the K + 1 columns (an unmatched query has 1 on no-object). Per element
+    ``alpha * (1 - p_t)^gamma * BCEWithLogits(z, y)`` with ``p_t = sigmoid(z)`` where y = 1 and ``1 - sigmoid(z)``
+    where y = 0; the result is ``scale`` x the mean over all B x Q x (K+1) elements. alpha 5 and gamma 1 are
+    ECLIPSE's ``FOCAL_ALPHA`` / ``FOCAL_GAMMA`` defaults (mask2former/config.py L92-93), scale 50 its factor.
+    """
+    _check_logits("sigmoid_focal_class_loss", logits)
+    logits = logits.float()
+    target = nn.functional.one_hot(target_classes, logits.shape[-1]).to(logits.dtype)
+    probs = logits.sigmoid()
+    p_t = probs * target + (1 - probs) * (1 - target)
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return scale * (alpha * (1 - p_t) ** gamma * bce).mean()

@@ -41,8 +41,8 @@ def _empty(size: tuple[int, int], device) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def comformer_pseudo_labels(old_class_logits: Tensor, old_mask_logits: Tensor, gt_masks: Tensor,
                             mask_activation: str = "sigmoid", score_threshold: float = 0.0,
-                            mask_threshold: float = 0.5, min_kept_fraction: float = 0.5
-                            ) -> tuple[Tensor, Tensor]:
+                            mask_threshold: float = 0.5, min_kept_fraction: float = 0.5,
+                            kept_area: str = "assigned") -> tuple[Tensor, Tensor]:
     """CoMFormer's ``make_pseudolabels2`` (fcdl94/CoMFormer continual/method_wrapper/maskformer.py L98-146).
 
     ``old_class_logits`` [Q, K_old+1] and ``old_mask_logits`` [Q, h, w]: the old model's final-layer
@@ -60,6 +60,9 @@ def comformer_pseudo_labels(old_class_logits: Tensor, old_mask_logits: Tensor, g
        when its assigned area is more than ``min_kept_fraction`` (0.5) of its own area
        ``#{s_k >= mask_threshold}`` and the segment is not empty; so a query whose mask is mostly
        covered by ground truth (or by stronger queries) is dropped. Several segments may share a class.
+       ``kept_area="segment"`` compares the segment itself (assigned and ``s_k >= mask_threshold``) instead:
+       BalConpas's ``generate_psd_targets`` (jinpeng0528/BalConpas maskformer_model.py L329-380, reference
+       eclipse-balconpas B6) with ``min_kept_fraction`` 0.8 (its ``TEST.OVERLAP_THRESHOLD``).
 
     Returns ``(labels [m] long, masks [m, H, W] bool)``.
     """
@@ -86,7 +89,9 @@ def comformer_pseudo_labels(old_class_logits: Tensor, old_mask_logits: Tensor, g
         assigned &= ~gt_masks.bool().any(dim=0)[None]
     own = mask_probs >= mask_threshold
     segments = assigned & own
-    area = assigned.flatten(1).sum(1)
+    if kept_area not in ("assigned", "segment"):
+        raise ValueError(f"kept_area must be 'assigned' or 'segment', got {kept_area!r}")
+    area = (assigned if kept_area == "assigned" else segments).flatten(1).sum(1)
     own_area = own.flatten(1).sum(1)
     accept = (own_area > 0) & (segments.flatten(1).any(1)) & (area > min_kept_fraction * own_area)
     return classes[accept], segments[accept]

@@ -92,8 +92,8 @@ class SetCriterion:
 
     # --- public API ----------------------------------------------------------------------------
     def __call__(self, class_logits: Sequence[Tensor], mask_logits: Sequence[Tensor], targets: Sequence[Target],
-                 *, class_loss: ClassLoss | None = None,
-                 indices: Sequence[Matching] | None = None) -> dict[str, Tensor]:
+                 *, class_loss: ClassLoss | None = None, indices: Sequence[Matching] | None = None,
+                 no_object_scale: Tensor | None = None) -> dict[str, Tensor]:
         """Weighted terms ``{"ce", "mask", "dice"}``, each summed over the decoder layers.
 
         class_logits: per layer [B, Q, C + 1] (no-object last); mask_logits: per layer [B, Q, h, w].
@@ -103,7 +103,19 @@ class SetCriterion:
         class_loss: replaces the class term: ``class_loss(logits [B, Q, C + 1], target_classes [B, Q])`` with
         no-object = C; the criterion multiplies it by ``class_weight`` (e.g. MiB's unbiased CE).
         indices: a matching per layer (from :meth:`match`) to reuse instead of matching again.
+        no_object_scale: [B] per-image factors of the no-object weight in the standard cross-entropy (the
+        numerator's unmatched queries weigh ``no_object_weight * scale_b``); the normaliser stays the standard
+        one, ``sum`` of the unscaled weights (BalConpas's balanced anti-misguidance weighting, reference B5.1).
         """
+        return self.loss_and_matching(class_logits, mask_logits, targets, class_loss=class_loss, indices=indices,
+                                      no_object_scale=no_object_scale)[0]
+
+    def loss_and_matching(self, class_logits: Sequence[Tensor], mask_logits: Sequence[Tensor],
+                          targets: Sequence[Target], *, class_loss: ClassLoss | None = None,
+                          indices: Sequence[Matching] | None = None, no_object_scale: Tensor | None = None
+                          ) -> tuple[dict[str, Tensor], list[Matching]]:
+        """:meth:`__call__`'s terms and the matching it used at every layer (in layer order), for methods that
+        select queries by their matched target (BalConpas's distillation of queries matched to pseudo-labels)."""
         num_layers = len(class_logits)
         if num_layers == 0 or len(mask_logits) != num_layers:
             raise ValueError(f"the set criterion needs one class and one mask tensor per decoder layer, got "
@@ -115,17 +127,22 @@ class SetCriterion:
             prepared.check_shapes(logits, masks)
         num_masks = _num_masks(prepared.total, class_logits[-1].device)
 
+        if no_object_scale is not None and (class_loss is not None or self.mask_mode != "sigmoid"):
+            raise ValueError("no_object_scale applies to the standard cross-entropy only")
         terms: dict[str, list[Tensor]] = {"ce": [], "mask": [], "dice": []}
+        matchings: list[Matching | None] = [None] * num_layers
         # The final layer first, then the others in order: the order in which stock draws its random points.
         for layer in (num_layers - 1, *range(num_layers - 1)):
             logits, masks = class_logits[layer], mask_logits[layer]
             matching = self._match(logits, masks, prepared) if indices is None else indices[layer]
+            matchings[layer] = matching
             flat = prepared.flatten(matching, logits.device)
-            terms["ce"].append(self.class_weight * self._class_term(logits, prepared, flat, class_loss))
+            terms["ce"].append(self.class_weight * self._class_term(logits, prepared, flat, class_loss,
+                                                                    no_object_scale))
             mask_term, dice_term = self._mask_terms(masks, prepared, flat, num_masks)
             terms["mask"].append(self.mask_weight * mask_term)
             terms["dice"].append(self.dice_weight * dice_term)
-        return {name: torch.stack(values).sum() for name, values in terms.items()}
+        return {name: torch.stack(values).sum() for name, values in terms.items()}, matchings
 
     def match(self, class_logits: Tensor, mask_logits: Tensor, targets: Sequence[Target]) -> Matching:
         """The Hungarian matching of one layer: per image (query indices, target indices), int64 on the CPU.
@@ -183,7 +200,7 @@ class SetCriterion:
 
     # --- losses --------------------------------------------------------------------------------
     def _class_term(self, class_logits: Tensor, prepared: "_Targets", flat: "_FlatMatch",
-                    class_loss: ClassLoss | None) -> Tensor:
+                    class_loss: ClassLoss | None, no_object_scale: Tensor | None = None) -> Tensor:
         batch, num_queries, width = class_logits.shape
         num_classes = width - 1
         target_classes = torch.full((batch, num_queries), num_classes, dtype=torch.int64,
@@ -197,7 +214,13 @@ class SetCriterion:
             return (self.focal_alpha * (1 - torch.exp(-ce)) ** self.focal_gamma * ce).mean()
         weight = torch.ones(width, device=class_logits.device)
         weight[-1] = self.no_object_weight
-        return F.cross_entropy(logits, target_classes, weight)
+        if no_object_scale is None:
+            return F.cross_entropy(logits, target_classes, weight)
+        per_query = weight[target_classes]                                   # [B, Q] the standard weights
+        scale = torch.where(target_classes == num_classes,
+                            no_object_scale.to(per_query)[:, None].expand_as(per_query), torch.ones_like(per_query))
+        ce = F.cross_entropy(logits, target_classes, reduction="none")        # [B, Q]
+        return (per_query * scale * ce).sum() / per_query.sum()
 
     def _mask_terms(self, mask_logits: Tensor, prepared: "_Targets", flat: "_FlatMatch",
                     num_masks: float) -> tuple[Tensor, Tensor]:

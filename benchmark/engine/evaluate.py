@@ -13,7 +13,7 @@ the ranks' results on rank 0 (other ranks get empty detections and no per-image 
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,17 +24,26 @@ from tqdm import tqdm
 
 from benchmark.batch import EvalSample
 from benchmark.data.loader import SIZE_DIVISIBILITY
+from benchmark.engine.outputs import ModelOutputs
 from benchmark.tasks import TASK_NAMES, get_task
 from benchmark.tasks.base import EvalResult
 from benchmark.tasks.semantic import UNASSIGNED_ID, SemanticInference
 
 TASKS = TASK_NAMES
+ClassScores = Callable[[ModelOutputs], tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def softmax_class_scores(outputs: ModelOutputs) -> tuple[torch.Tensor, None]:
+    """The shared scoring: ``outputs.class_probs()`` with the implicit no-object ``1 - sum``."""
+    return outputs.class_probs(), None
+
 __all__ = ["EvalResult", "SemanticInference", "TASKS", "UNASSIGNED_ID", "evaluate"]
 
 
 def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int, device: torch.device | str,
              task: str, *, top_k: int = 100, score_threshold: float = 0.0, mask_mode: str = "sigmoid",
-             semantic: SemanticInference | None = None, options=None, progress: bool = True) -> EvalResult:
+             semantic: SemanticInference | None = None, options=None, progress: bool = True,
+             class_scores: ClassScores | None = None) -> EvalResult:
     """Run ``model`` (a SegModel, possibly DDP-wrapped) on every EvalSample of ``loader``.
 
     ``top_k`` / ``score_threshold``: instance inference (Mask2Former keeps the top 100 pairs, no threshold).
@@ -43,8 +52,13 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
     semantic task, default :class:`SemanticInference`, CoMFormer's segments).
     Semantic results: the confusion matrix's last row/column is UNASSIGNED_ID, the pixels the inference left
     without a class (counted as false negatives of their ground-truth class, never as a class).
+    ``class_scores``: the post-logit hook, ``outputs -> (class probabilities [B, Q, K], no-object [B, Q] or
+    None)``; default :func:`softmax_class_scores` (each query's softmax over its group's head, no-object
+    ``1 - sum``). A method whose classifier or inference differs supplies its own (``Method.class_scores``:
+    ECLIPSE's sigmoid scores after its logit manipulation).
     The model is put in eval mode for the loop and restored to its previous mode afterwards.
     """
+    class_scores = class_scores or softmax_class_scores
     task_impl = get_task(task)
     device = torch.device(device)
     net = model.module if isinstance(model, DistributedDataParallel) else model
@@ -68,9 +82,10 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
                 if outputs.num_columns != num_seen:
                     raise ValueError(f"the model predicts {outputs.num_columns} class columns but step {step} of "
                                      f"{protocol.name} has {num_seen} seen classes")
-                evaluator.add(sample, outputs.class_probs()[0], outputs.mask_logits()[0], input_size=input_size,
+                probs, no_object = class_scores(outputs)
+                evaluator.add(sample, probs[0], outputs.mask_logits()[0], input_size=input_size,
                               padded_size=padded_size, out_size=tuple(int(s) for s in sample.orig_size),
-                              position=rank + count * world)
+                              position=rank + count * world, no_object=None if no_object is None else no_object[0])
                 count += 1
     finally:
         net.train(was_training)

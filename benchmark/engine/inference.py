@@ -73,12 +73,13 @@ def _mask_probs(logits: Tensor, mask_mode: str) -> Tensor:
 
 def semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
                        padded_size: Size | None = None, mask_mode: str = "sigmoid", mode: str = "segments",
-                       object_threshold: float = 0.0, overlap_threshold: float = 0.0) -> Tensor:
+                       object_threshold: float = 0.0, overlap_threshold: float = 0.0,
+                       no_object: Tensor | None = None) -> Tensor:
     """[H, W] int64 class columns (UNASSIGNED = -1 where ``mode="segments"`` assigns no class); see the module."""
     if mode == "segments":
         return segment_semantic_inference(class_probs, mask_logits, input_size, out_size, padded_size=padded_size,
                                           mask_mode=mask_mode, object_threshold=object_threshold,
-                                          overlap_threshold=overlap_threshold)
+                                          overlap_threshold=overlap_threshold, no_object=no_object)
     if mode != "sum":
         raise ValueError(f"unknown semantic inference {mode!r}: use one of {', '.join(SEMANTIC_MODES)}")
     return sum_semantic_inference(class_probs, mask_logits, input_size, out_size, padded_size=padded_size,
@@ -88,17 +89,18 @@ def semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Siz
 def segment_semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
                                padded_size: Size | None = None, mask_mode: str = "sigmoid",
                                object_threshold: float = 0.0, overlap_threshold: float = 0.0,
-                               mask_threshold: float = 0.5) -> Tensor:
+                               mask_threshold: float = 0.5, no_object: Tensor | None = None) -> Tensor:
     """[H, W] int64 class columns or UNASSIGNED: CoMFormer's ``MASK_BG False`` semantic inference (module doc).
 
     ``class_probs`` has no no-object column; a query's no-object probability is ``1 - sum_k p(k | q)`` (each
-    query's softmax runs over its own group's classes and no-object). Ties between a class and no-object
+    query's softmax runs over its own group's classes and no-object) unless ``no_object`` [Q] gives it (a sigmoid
+    classifier's independent no-object score, ECLIPSE). Ties between a class and no-object
     go to the class, as ``torch.max`` over ``[classes | no-object]`` does in the original.
     """
     _check(class_probs, mask_logits)
     probs = class_probs.float()
     scores, labels = probs.max(dim=1)
-    no_object = 1.0 - probs.sum(dim=1)
+    no_object = 1.0 - probs.sum(dim=1) if no_object is None else no_object.float()
     keep = (scores >= no_object) & (scores > object_threshold)
     masks = _mask_probs(resize_mask_logits(mask_logits, input_size, input_size, padded_size), mask_mode)[keep]
     scores, labels = scores[keep], labels[keep]
@@ -196,7 +198,8 @@ class PanopticPrediction:
 def panoptic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Size, out_size: Size, *,
                        thing_columns: Sequence[int] | Tensor, object_mask_threshold: float = 0.8,
                        overlap_threshold: float = 0.8, padded_size: Size | None = None,
-                       mask_mode: str = "sigmoid", mask_threshold: float = 0.5) -> PanopticPrediction:
+                       mask_mode: str = "sigmoid", mask_threshold: float = 0.5,
+                       no_object: Tensor | None = None) -> PanopticPrediction:
     """Mask2Former's panoptic inference (facebookresearch/Mask2Former ``maskformer_model.py``
     ``panoptic_inference``, L286-342), shared by every method.
 
@@ -213,12 +216,13 @@ def panoptic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Siz
     has its own id. Ids are 1, 2, ... in query order (kept queries in their original order), as the original.
     CoMFormer's panoptic inference (fcdl94/CoMFormer ``mask2former/maskformer_model.py``) is the same
     procedure on its own probabilities; ECLIPSE uses sigmoid class scores and thresholds 0.0 / 0.0
-    (reference A6), which a method supplies through its probabilities and ``--set eval.*``.
+    (reference A6), which a method supplies through its probabilities, ``no_object`` [Q] (the sigmoid no-object
+    score replacing ``1 - sum_k p(k | q)``) and its evaluation defaults (``Method.eval_defaults``).
     """
     _check(class_probs, mask_logits)
     probs = class_probs.float()
     scores, labels = probs.max(dim=1)
-    no_object = 1.0 - probs.sum(dim=1)
+    no_object = 1.0 - probs.sum(dim=1) if no_object is None else no_object.float()
     keep = (scores >= no_object) & (scores > object_mask_threshold)
     masks = _mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)[keep]
     scores, labels = scores[keep], labels[keep]

@@ -26,18 +26,34 @@ Decisions where the spec is silent:
   as in that code. Parameters are merged into at most four groups so AdamW's foreach path stays fast.
 * New class rows and new groups' heads are initialised like the stock ``class_predictor``
   (normal, std ``init_std`` = 0.02, zero bias); new query embeddings like the stock ones (N(0, 1)).
+
+Structural options a method chooses (:class:`ModelOptions`; the runner builds every model of a run with
+the method's options, so a saved layout plus the options rebuild it):
+* ``layer_positions``: groups 1.. carry one positional embedding per decoder layer (ECLIPSE's deep prompts,
+  ``PROMPT_DEEP``; reference/eclipse-balconpas-original-code.md A1); group 0 keeps the stock single one.
+* ``group_mask_embedders``: groups 1.. carry their own copy of the mask MLP (``PROMPT_MASK_MLP``, A1), used for
+  their masks at every level, the attention masks included.
+* ``classifier="step_mlp"``: ECLIPSE's ``IncrementalClassifier`` with ``DEEP_CLS`` (A1): one 3-layer MLP block
+  per step (``class_heads[g]``, no no-object row) plus one shared no-object MLP (``no_object_head``), all
+  evaluated on every query: every group's logits are ``[all seen columns | no-object]``.
+``train_groups`` (not structural) restricts a training forward to some groups (ECLIPSE decodes only the current
+prompt group at t > 0, A4); in eval mode every group is decoded. ``freeze_norm_statistics`` keeps every
+BatchNorm in eval mode while training (a frozen base model must not drift through its running statistics).
+Any of these (or more than one active group with ``group_attention_mask``) runs the re-composed decoder
+loop; without them the stock decoder runs, so the other methods' numbers are unchanged.
 """
 
 from __future__ import annotations
 
 import copy
 import numbers
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import Mask2FormerModel
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerMLPPredictionHead
 
 from benchmark.engine.outputs import ModelOutputs
 from benchmark.engine.presets import ModelPreset, quiet_backbone_warning, get_preset
@@ -53,6 +69,23 @@ _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
 _NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "position_embeddings")
 
 
+CLASSIFIERS = ("group", "step_mlp")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Structural options of a SegModel (see the module docstring); ``Method.model_options`` chooses them."""
+
+    group_attention_mask: bool = False
+    layer_positions: bool = False
+    group_mask_embedders: bool = False
+    classifier: str = "group"
+
+    def __post_init__(self) -> None:
+        if self.classifier not in CLASSIFIERS:
+            raise ConfigError(f"unknown classifier {self.classifier!r}", hint=f"use one of {', '.join(CLASSIFIERS)}")
+
+
 def _validate_layout(layout: Iterable[Sequence[int]]) -> Layout:
     groups = tuple(tuple(group) for group in layout)
     if not groups:
@@ -65,21 +98,35 @@ def _validate_layout(layout: Iterable[Sequence[int]]) -> Layout:
     return tuple((int(q), int(c)) for q, c in groups)
 
 
+def _head_columns(head: nn.Module) -> int:
+    """Class columns of a head: a Linear group head ends with its own no-object row, an MLP step block does not."""
+    if isinstance(head, nn.Linear):
+        return head.out_features - 1
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
 class SegModel(nn.Module):
     """Mask2Former with query groups; ``forward`` returns :class:`ModelOutputs`. Build with :func:`build_model`."""
 
     def __init__(self, preset: ModelPreset, layout: Iterable[Sequence[int]], *,
-                 group_attention_mask: bool = False):
+                 group_attention_mask: bool = False, options: ModelOptions | None = None):
         super().__init__()
         groups = _validate_layout(layout)
+        options = options or ModelOptions(group_attention_mask=group_attention_mask)
         self.preset = preset
-        self.group_attention_mask = group_attention_mask
+        self.options = options
+        self.group_attention_mask = group_attention_mask or options.group_attention_mask
+        self.train_groups: tuple[int, ...] | None = None
+        self._freeze_norm_statistics = False
         self.config = preset.mask2former_config(num_queries=groups[0][0])
         with quiet_backbone_warning():
             self.model = Mask2FormerModel(self.config)
+        if options.classifier == "step_mlp":
+            self.no_object_head = self._mlp(1)
         self.class_heads = nn.ModuleList([self._new_head(groups[0][1])])
         self.group_query_features = nn.ModuleList()   # content queries of groups 1..G-1
-        self.group_query_positions = nn.ModuleList()  # positional queries of groups 1..G-1
+        self.group_query_positions = nn.ModuleList()  # positional queries of groups 1..G-1 (per layer: a list)
+        self.group_mask_embedders = nn.ModuleList()   # mask MLPs of groups 1..G-1 (group_mask_embedders)
         self._refresh_slices()
         for num_queries, num_columns in groups[1:]:
             self.add_group(num_queries, num_columns)
@@ -98,7 +145,7 @@ class SegModel(nn.Module):
         """(num_queries, num_columns) per query group, in query order."""
         queries = [self.model.transformer_module.queries_features.num_embeddings]
         queries += [embedding.num_embeddings for embedding in self.group_query_features]
-        return tuple((q, head.out_features - 1) for q, head in zip(queries, self.class_heads))
+        return tuple((q, _head_columns(head)) for q, head in zip(queries, self.class_heads))
 
     @property
     def num_groups(self) -> int:
@@ -115,7 +162,7 @@ class SegModel(nn.Module):
     @property
     def spec(self) -> "ModelSpec":
         """What :func:`build_model` needs to rebuild this model before ``load_state_dict``."""
-        return ModelSpec(self.preset, self.layout, self.group_attention_mask)
+        return ModelSpec(self.preset, self.layout, self.group_attention_mask, self.options)
 
     def _refresh_slices(self) -> None:
         queries, columns, q0, c0 = [], [], 0, 0
@@ -126,14 +173,21 @@ class SegModel(nn.Module):
         self._group_queries = tuple(queries)
         self._group_columns = tuple(columns)
 
-    def _new_head(self, num_columns: int) -> nn.Linear:
+    def _mlp(self, out_dim: int) -> nn.Module:
+        """A 3-layer MLP 256 -> 256 -> 256 -> out (ReLU between), PyTorch's default init (ECLIPSE's MLP)."""
+        hidden = self.config.hidden_dim
+        return Mask2FormerMLPPredictionHead(hidden, hidden, out_dim)
+
+    def _new_head(self, num_columns: int) -> nn.Module:
+        if self.options.classifier == "step_mlp":
+            return self._mlp(num_columns)
         head = nn.Linear(self.config.hidden_dim, num_columns + 1)
         nn.init.normal_(head.weight, std=self.config.init_std)
         nn.init.zeros_(head.bias)
         return head
 
     def _like_heads(self, module: nn.Module) -> nn.Module:
-        reference = self.class_heads[0].weight
+        reference = next(self.class_heads[0].parameters())
         return module.to(device=reference.device, dtype=reference.dtype)
 
     def _content_embedding(self, group: int) -> nn.Embedding:
@@ -152,6 +206,9 @@ class SegModel(nn.Module):
         method hook that initialises rows ``num_old .. num_columns - 1`` (and may touch the
         no-object row, as MiB does); it runs under ``torch.no_grad()``. No-op if already that size.
         """
+        if self.options.classifier != "group":
+            raise ConfigError("grow_head needs the per-group Linear classifier",
+                              hint="a step_mlp classifier grows by add_group (one block per step)")
         old = self.class_heads[-1]
         num_old = old.out_features - 1
         if num_columns == num_old:
@@ -176,14 +233,53 @@ class SegModel(nn.Module):
         """Append a query group with its own content/positional queries and head; returns its index."""
         _validate_layout([(num_queries, num_columns)])
         hidden = self.config.hidden_dim
-        content, position = nn.Embedding(num_queries, hidden), nn.Embedding(num_queries, hidden)
+        content = nn.Embedding(num_queries, hidden)
         nn.init.normal_(content.weight)
-        nn.init.normal_(position.weight)
+        positions = [nn.Embedding(num_queries, hidden)
+                     for _ in range(self.num_decoder_layers if self.options.layer_positions else 1)]
+        for position in positions:
+            nn.init.normal_(position.weight)
         self.group_query_features.append(self._like_heads(content))
-        self.group_query_positions.append(self._like_heads(position))
+        self.group_query_positions.append(self._like_heads(
+            nn.ModuleList(positions) if self.options.layer_positions else positions[0]))
+        if self.options.group_mask_embedders:
+            stock = self.model.transformer_module.decoder.mask_predictor.mask_embedder
+            self.group_mask_embedders.append(self._like_heads(copy.deepcopy(stock)))
         self.class_heads.append(self._like_heads(self._new_head(num_columns)))
         self._refresh_slices()
         return self.num_groups - 1
+
+    @property
+    def freeze_norm_statistics(self) -> bool:
+        """Every BatchNorm stays in eval mode (running statistics used and kept) while the model trains."""
+        return self._freeze_norm_statistics
+
+    @freeze_norm_statistics.setter
+    def freeze_norm_statistics(self, value: bool) -> None:
+        self._freeze_norm_statistics = bool(value)
+        self.train(self.training)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        """Decoder layers (prediction sets minus one: level 0 predicts before any layer)."""
+        return len(self.model.transformer_module.decoder.layers)
+
+    def content_embedding(self, group: int) -> nn.Embedding:
+        """The content (``query_feat``) embedding of one group."""
+        return self._content_embedding(group)
+
+    def position_embeddings(self, group: int) -> list[nn.Embedding]:
+        """The positional embedding(s) of one group: one per decoder layer with ``layer_positions`` (groups 1..)."""
+        if group == 0:
+            return [self.model.transformer_module.queries_embedder]
+        entry = self.group_query_positions[group - 1]
+        return list(entry) if isinstance(entry, nn.ModuleList) else [entry]
+
+    def mask_embedder(self, group: int) -> nn.Module:
+        """The mask MLP a group's masks come from (the stock one unless ``group_mask_embedders``)."""
+        if group > 0 and self.options.group_mask_embedders:
+            return self.group_mask_embedders[group - 1]
+        return self.model.transformer_module.decoder.mask_predictor.mask_embedder
 
     # --- training helpers -----------------------------------------------------------------------
     def content_query_parameters(self, group: int) -> list[nn.Parameter]:
@@ -242,6 +338,10 @@ class SegModel(nn.Module):
         if self.preset.freeze_backbone_norm:
             for module in self._backbone_norms():
                 module.eval()
+        if self._freeze_norm_statistics:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def load_stock_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
@@ -260,24 +360,41 @@ class SegModel(nn.Module):
         return self.load_state_dict(mapped, strict=strict)
 
     # --- forward --------------------------------------------------------------------------------
-    def _queries(self) -> tuple[Tensor, Tensor]:
-        module = self.model.transformer_module
-        if not self.group_query_features:
-            return module.queries_features.weight, module.queries_embedder.weight
-        content = torch.cat([module.queries_features.weight,
-                             *(e.weight for e in self.group_query_features)])
-        position = torch.cat([module.queries_embedder.weight,
-                              *(e.weight for e in self.group_query_positions)])
-        return content, position
+    def _active_groups(self) -> tuple[int, ...]:
+        """The groups a forward decodes: ``train_groups`` while training, every group in eval mode."""
+        if self.training and self.train_groups is not None:
+            groups = tuple(sorted(set(int(g) for g in self.train_groups)))
+            if not groups or groups[0] < 0 or groups[-1] >= self.num_groups:
+                raise ValueError(f"train_groups {self.train_groups} must name groups 0..{self.num_groups - 1}")
+            return groups
+        return tuple(range(self.num_groups))
 
-    def _self_attention_mask(self, batch_size: int, like: Tensor) -> Tensor:
+    def _queries(self, groups: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        """Content [Q, D] and per-decoder-layer positional [Q, D] queries of ``groups``, concatenated."""
+        content = [self._content_embedding(g).weight for g in groups]
+        per_layer = []
+        for layer in range(self.num_decoder_layers):
+            rows = []
+            for g in groups:
+                embeddings = self.position_embeddings(g)
+                rows.append(embeddings[layer if len(embeddings) > 1 else 0].weight)
+            per_layer.append(rows[0] if len(rows) == 1 else torch.cat(rows))
+        return (content[0] if len(content) == 1 else torch.cat(content)), per_layer
+
+    def _self_attention_mask(self, slices: Sequence[slice], batch_size: int, like: Tensor) -> Tensor:
         """Additive block-diagonal mask [B * heads, Q, Q]: queries attend only within their group."""
-        num_queries = self.num_queries
+        num_queries = max(s.stop for s in slices)
         mask = torch.full((num_queries, num_queries), float("-inf"), device=like.device, dtype=like.dtype)
-        for group in self._group_queries:
+        for group in slices:
             mask[group, group] = 0.0
         heads = self.config.num_attention_heads
         return mask.expand(batch_size * heads, num_queries, num_queries)
+
+    def _class_logits(self, states: Tensor, group: int) -> Tensor:
+        """[B, Q_g, width] logits of one group's query states: its own head, or every step block + no-object."""
+        if self.options.classifier == "step_mlp":
+            return torch.cat([head(states) for head in self.class_heads] + [self.no_object_head(states)], dim=-1)
+        return self.class_heads[group](states)
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> ModelOutputs:
         pixel_level = self.model.pixel_level_module
@@ -297,22 +414,34 @@ class SegModel(nn.Module):
                          + module.level_embed.weight[level][None, :, None])
             features.append(projected.permute(2, 0, 1))
         batch_size = features[0].shape[1]
-        content, position = self._queries()
+        groups = self._active_groups()
+        slices, q0 = [], 0
+        for g in groups:
+            size = self._group_queries[g].stop - self._group_queries[g].start
+            slices.append(slice(q0, q0 + size))
+            q0 += size
+        content, layer_positions = self._queries(groups)
         query_features = content.unsqueeze(1).repeat(1, batch_size, 1)
-        query_positions = position.unsqueeze(1).repeat(1, batch_size, 1)
+        layer_positions = [p.unsqueeze(1).repeat(1, batch_size, 1) for p in layer_positions]
 
-        if self.group_attention_mask and self.num_groups > 1:
-            self_mask = self._self_attention_mask(batch_size, query_features)
-            normed, masks, states = _decode_with_self_mask(
-                module.decoder, query_features, query_positions, features, positions, mask_features, sizes,
-                self_mask)
+        several = len(groups) > 1
+        recompose = (len(groups) != self.num_groups or (several and (
+            self.group_attention_mask or self.options.layer_positions or self.options.group_mask_embedders)))
+        if recompose:
+            self_mask = (self._self_attention_mask(slices, batch_size, query_features)
+                         if several and self.group_attention_mask else None)
+            predict = module.decoder.mask_predictor
+            if self.options.group_mask_embedders and any(g > 0 for g in groups):
+                predict = _GroupedMaskPredictor(predict, [self.mask_embedder(g) for g in groups], slices)
+            normed, masks, states = _decode(module.decoder, query_features, layer_positions, features, positions,
+                                            mask_features, sizes, self_mask, predict)
         else:
             decoded = module.decoder(
                 inputs_embeds=query_features,
                 multi_stage_positional_embeddings=positions,
                 pixel_embeddings=mask_features,
                 encoder_hidden_states=features,
-                query_position_embeddings=query_positions,
+                query_position_embeddings=layer_positions[0],
                 feature_size_list=sizes,
                 output_hidden_states=True,
                 output_attentions=False,
@@ -321,25 +450,58 @@ class SegModel(nn.Module):
             normed, masks, states = (decoded.intermediate_hidden_states, decoded.masks_queries_logits,
                                      decoded.hidden_states)
 
+        # Inactive groups get empty query slices (and [B, 0, width] logits), so group indices stay global.
+        group_queries = [slice(0, 0)] * self.num_groups
+        for g, where in zip(groups, slices):
+            group_queries[g] = where
         layer_class_logits = []
         for layer_states in normed:
             layer_states = layer_states.transpose(0, 1)
-            layer_class_logits.append(tuple(head(layer_states[:, group])
-                                            for head, group in zip(self.class_heads, self._group_queries)))
+            layer_class_logits.append(tuple(self._class_logits(layer_states[:, where], g)
+                                            for g, where in enumerate(group_queries)))
+        columns = self._group_columns
+        if self.options.classifier == "step_mlp":
+            columns = tuple(slice(0, self.num_columns) for _ in columns)
         return ModelOutputs(
             layer_class_logits=layer_class_logits,
             layer_mask_logits=list(masks),
             layer_query_states=[s.transpose(0, 1) for s in states],
             backbone_features=tuple(backbone_features),
             mask_features=mask_features,
-            group_queries=self._group_queries,
-            group_columns=self._group_columns,
+            group_queries=tuple(group_queries),
+            group_columns=columns,
+            own_columns=self._group_columns,
         )
 
 
-def _decode_with_self_mask(decoder, query_features, query_positions, features, positions, mask_features,
-                           sizes, self_mask):
-    """``Mask2FormerMaskedAttentionDecoder.forward`` with a self-attention mask.
+class _GroupedMaskPredictor(nn.Module):
+    """``Mask2FormerMaskPredictor.forward`` with one mask MLP per query group (ECLIPSE's prompt mask MLPs).
+
+    Each group's mask embeddings come from its own MLP; the dot product with the pixel embeddings and the
+    binarised attention mask for the next layer are the stock ones.
+    """
+
+    def __init__(self, stock: nn.Module, embedders: Sequence[nn.Module], slices: Sequence[slice]):
+        super().__init__()
+        self.num_heads = stock.num_heads
+        self.embedders = list(embedders)
+        self.slices = list(slices)
+
+    def forward(self, outputs: Tensor, pixel_embeddings: Tensor, attention_mask_target_size=None):
+        states = outputs.transpose(0, 1)
+        embeddings = torch.cat([mlp(states[:, where]) for mlp, where in zip(self.embedders, self.slices)], dim=1)
+        outputs_mask = torch.einsum("bqc, bchw -> bqhw", embeddings, pixel_embeddings)
+        attention_mask = nn.functional.interpolate(outputs_mask, size=attention_mask_target_size, mode="bilinear",
+                                                   align_corners=False)
+        attention_mask = attention_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1)
+        attention_mask = (attention_mask.flatten(0, 1) < 0.5).bool().detach()
+        return outputs_mask, attention_mask
+
+
+def _decode(decoder, query_features, layer_positions, features, positions, mask_features, sizes, self_mask,
+            predict_masks):
+    """``Mask2FormerMaskedAttentionDecoder.forward`` re-composed: a self-attention mask (or None), one
+    positional query tensor per decoder layer, and a mask predictor (the stock one or a grouped one).
 
     The stock decoder layer passes ``attention_mask=None`` to its self-attention, so the layer is
     re-composed here (post-norm, as every preset; dropout 0 means no layer-drop). Returns the
@@ -348,15 +510,15 @@ def _decode_with_self_mask(decoder, query_features, query_positions, features, p
     levels = decoder.num_feature_levels
     hidden = query_features
     normed = decoder.layernorm(hidden)
-    mask, attention_mask = decoder.mask_predictor(normed, mask_features, sizes[0])
+    mask, attention_mask = predict_masks(normed, mask_features, sizes[0])
     all_normed, all_masks, all_states = [normed], [mask], [hidden]
     for index, layer in enumerate(decoder.layers):
         where = (attention_mask.sum(-1) != attention_mask.shape[-1]).to(attention_mask.dtype)
         attention_mask = attention_mask * where.unsqueeze(-1)
-        hidden = _decoder_layer(layer, hidden, index % levels, positions, query_positions, features,
+        hidden = _decoder_layer(layer, hidden, index % levels, positions, layer_positions[index], features,
                                 attention_mask, self_mask)
         normed = decoder.layernorm(hidden)
-        mask, attention_mask = decoder.mask_predictor(normed, mask_features, sizes[(index + 1) % levels])
+        mask, attention_mask = predict_masks(normed, mask_features, sizes[(index + 1) % levels])
         all_normed.append(normed)
         all_masks.append(mask)
         all_states.append(hidden)
@@ -398,22 +560,24 @@ class ModelSpec:
     preset: ModelPreset
     layout: Layout
     group_attention_mask: bool = False
+    options: ModelOptions = ModelOptions()
 
     def build(self) -> SegModel:
-        return SegModel(self.preset, self.layout, group_attention_mask=self.group_attention_mask)
+        return SegModel(self.preset, self.layout, group_attention_mask=self.group_attention_mask,
+                        options=self.options)
 
     def to_dict(self) -> dict[str, Any]:
         return {"preset": self.preset.to_dict(), "layout": [list(g) for g in self.layout],
-                "group_attention_mask": self.group_attention_mask}
+                "group_attention_mask": self.group_attention_mask, "options": asdict(self.options)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
         return cls(ModelPreset.from_dict(data["preset"]), _validate_layout(data["layout"]),
-                   bool(data.get("group_attention_mask", False)))
+                   bool(data.get("group_attention_mask", False)), ModelOptions(**data.get("options", {})))
 
 
 def build_model(preset: str | ModelPreset, layout: Iterable[Sequence[int]], *,
-                group_attention_mask: bool = False) -> SegModel:
+                group_attention_mask: bool = False, options: ModelOptions | None = None) -> SegModel:
     """A randomly initialised SegModel; ``layout`` is (num_queries, num_columns) per query group.
 
     Group 0's query count comes from ``layout`` (``preset.num_queries`` is the default a method
@@ -421,4 +585,4 @@ def build_model(preset: str | ModelPreset, layout: Iterable[Sequence[int]], *,
     """
     if isinstance(preset, str):
         preset = get_preset(preset)
-    return SegModel(preset, layout, group_attention_mask=group_attention_mask)
+    return SegModel(preset, layout, group_attention_mask=group_attention_mask, options=options)

@@ -37,6 +37,12 @@ class ModelOutputs:
     group_queries: tuple[slice, ...]
     # class-column slice (global columns, no-object excluded) covered by each group's head.
     group_columns: tuple[slice, ...]
+    # the columns each group is responsible for: its step's classes (= group_columns, except for a step_mlp
+    # classifier whose every group sees all columns; ECLIPSE's logit manipulation needs both). None: group_columns.
+    own_columns: tuple[slice, ...] | None = None
+
+    def columns_owned(self) -> tuple[slice, ...]:
+        return self.group_columns if self.own_columns is None else self.own_columns
 
     @property
     def num_groups(self) -> int:
@@ -77,7 +83,8 @@ class ModelOutputs:
         """
         logits = self.layer_class_logits[layer]
         first = logits[0]
-        out = first.new_zeros(first.shape[0], self.group_queries[-1].stop, self.num_columns)
+        num_queries = max(where.stop for where in self.group_queries)
+        out = first.new_zeros(first.shape[0], num_queries, self.num_columns)
         for g, group_logits in enumerate(logits):
             probs = group_logits.float().softmax(-1)[..., :-1].to(out.dtype)
             out[:, self.group_queries[g], self.group_columns[g]] = probs
@@ -93,4 +100,5 @@ class ModelOutputs:
             mask_features=self.mask_features.detach(),
             group_queries=self.group_queries,
             group_columns=self.group_columns,
+            own_columns=self.own_columns,
         )

@@ -47,9 +47,11 @@ class Evaluator(ABC):
 
     @abstractmethod
     def add(self, sample, class_probs: Tensor, mask_logits: Tensor, *, input_size: tuple[int, int],
-            padded_size: tuple[int, int], out_size: tuple[int, int], position: int) -> None:
+            padded_size: tuple[int, int], out_size: tuple[int, int], position: int,
+            no_object: Tensor | None = None) -> None:
         """One image: ``class_probs`` [Q, K_seen], ``mask_logits`` [Q, h, w] (see engine.inference);
-        ``position`` is the image's index in the evaluation order (over all ranks)."""
+        ``position`` is the image's index in the evaluation order (over all ranks); ``no_object`` [Q] the
+        queries' no-object probabilities when they are not ``1 - sum(class_probs)`` (sigmoid classifiers)."""
 
     @abstractmethod
     def result(self, num_images: int, rank: int, world: int) -> EvalResult:

@@ -62,7 +62,8 @@ class InstanceEvaluator(Evaluator):
         self.class_ids = tuple(protocol.all_classes)
         self.detections: list[dict] = []
 
-    def add(self, sample, class_probs, mask_logits, *, input_size, padded_size, out_size, position):
+    def add(self, sample, class_probs, mask_logits, *, input_size, padded_size, out_size, position, no_object=None):
+        # Mask2Former's instance inference ranks (query, class) pairs by class score alone: no-object plays no part.
         scores, columns, masks = instance_inference(class_probs, mask_logits, input_size, out_size, self.top_k,
                                                     self.score_threshold, padded_size=padded_size,
                                                     mask_mode=self.mask_mode)

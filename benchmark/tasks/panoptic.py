@@ -167,11 +167,11 @@ class PanopticEvaluator(Evaluator):
         self.keep_pngs = options.keep_predictions == "all" or step == protocol.num_steps - 1
         self.parts: list[tuple[int, object, np.ndarray, dict, tuple[str, bytes] | None]] = []
 
-    def add(self, sample, class_probs, mask_logits, *, input_size, padded_size, out_size, position):
+    def add(self, sample, class_probs, mask_logits, *, input_size, padded_size, out_size, position, no_object=None):
         pred = panoptic_inference(class_probs, mask_logits, input_size, out_size, thing_columns=self.thing_columns,
                                   object_mask_threshold=self.options.object_mask_threshold,
                                   overlap_threshold=self.options.overlap_threshold, padded_size=padded_size,
-                                  mask_mode=self.mask_mode)
+                                  mask_mode=self.mask_mode, no_object=no_object)
         ids = pred.segment_ids.cpu().numpy().astype(np.int64)
         segments = [Segment(i, self.seen_ids[column]) for i, column, _ in pred.segments]
         gt: PanopticTarget = sample.target

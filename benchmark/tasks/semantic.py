@@ -99,11 +99,11 @@ class SemanticEvaluator(Evaluator):
         self.matrix = new_confusion(len(self.class_ids), device)
         self.per_image = SemanticPerImage(self.class_ids)
 
-    def add(self, sample, class_probs, mask_logits, *, input_size, padded_size, out_size, position):
+    def add(self, sample, class_probs, mask_logits, *, input_size, padded_size, out_size, position, no_object=None):
         inf = self.inference
         columns = semantic_inference(class_probs, mask_logits, input_size, out_size, padded_size=padded_size,
                                      mask_mode=self.mask_mode, mode=inf.mode, object_threshold=inf.object_threshold,
-                                     overlap_threshold=inf.overlap_threshold)
+                                     overlap_threshold=inf.overlap_threshold, no_object=no_object)
         target = native_to_index(torch.as_tensor(np.asarray(sample.target), device=self.device), self.lookup)
         image_matrix = confusion_matrix(self.column_to_row[columns], target, len(self.class_ids))
         self.matrix += image_matrix
