@@ -33,12 +33,14 @@ class Batch:
     pixel_mask:   [B, H, W] long, 1 on real pixels, 0 on padding.
     targets:      one Target per image; masks at the padded input resolution.
     image_ids:    the dataset's image ids, for logs and reproducibility checks.
+    replay:       per image, whether it is a replayed image of an earlier step (empty: none is).
     """
 
     pixel_values: Tensor
     pixel_mask: Tensor
     targets: list[Target]
     image_ids: list = field(default_factory=list)
+    replay: list = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(
@@ -46,6 +48,7 @@ class Batch:
             self.pixel_mask.to(device, non_blocking=True),
             [t.to(device) for t in self.targets],
             list(self.image_ids),
+            list(self.replay),
         )
 
     def __len__(self) -> int:

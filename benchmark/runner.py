@@ -408,6 +408,11 @@ class StepRunner:
             old_model = model.frozen_copy()
         criterion = r.criterion
         view = TrainView(self.train_ds, proto, t, dc_replace(r.aug, crop_size=sched.crop_size))
+        if t > 0 and r.method.replay_size() > 0:
+            from benchmark.data.views import ConcatView, ReplayView
+
+            entries = self.replay_memory(t, r.method.replay_size(), work_dir)
+            view = ConcatView(view, ReplayView(self.train_ds, proto, entries, view.aug))
         cfg = dc_replace(r.train, iterations=sched.iterations, batch_size=sched.batch_size, lr=sched.lr)
         per_rank = plan_batches(cfg.batch_size, self.dist.world_size, cfg.max_device_batch).micro_batch
 
@@ -437,6 +442,23 @@ class StepRunner:
         loader.close()
         r.method.after_step(ctx)
         return model, stats
+
+    def replay_memory(self, t: int, size: int, work_dir: Path) -> list[tuple[int, int]]:
+        """Step t's replay memory (benchmark.data.replay): read back from ``replay_step_XX.json`` when a previous
+        attempt wrote it (the memory is part of the run's resumable state), else selected and written there."""
+        from benchmark.data.replay import class_proportional_memory
+        from benchmark.store import atomic_write
+
+        path = work_dir / f"replay_step_{t:02d}.json"
+        if path.is_file():
+            return [(int(i), int(s)) for i, s in json.loads(path.read_text())["entries"]]
+        entries = class_proportional_memory(self.train_ds, self.r.train_protocol, t, size)
+        if self.dist.is_main:
+            record = {"step": t, "size": size, "entries": [list(e) for e in entries],
+                      "image_ids": [str(self.train_ds.image_id(i)) for i, _ in entries]}
+            atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+        log.info("step %d replays %d images (class-proportional memory of %d)", t, len(entries), size)
+        return entries
 
     def _iteration_hook(self, t: int):
         if self.tracker is None:

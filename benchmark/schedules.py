@@ -1,7 +1,8 @@
 """Training schedules as data, each number with its source (methods.md, reference section 4 / 7).
 
 A schedule gives, per protocol, the settings of step 0 and of every later step. ``paper`` is the shared
-schedule for the published protocols; ``cisdq-paper`` is CisDQ's own per-setting table; ``cpu`` is the
+schedule for the published protocols; ``cisdq-paper``, ``eclipse-paper`` and ``balconpas-paper`` are those
+methods' own per-setting tables (their scripts' iterations and learning rates); ``cpu`` is the
 embedded default (tiny model, small images) sized so that ``python run_benchmark.py`` finishes in minutes
 on two CPU cores.
 
@@ -56,7 +57,7 @@ class Schedule:
                 "backbone_multiplier": self.backbone_multiplier, "augmentation": dict(self.augmentation)}
 
 
-SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper")
+SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-paper")
 
 # ---- the embedded CPU schedule ------------------------------------------------------------------
 # Calibrated on the 2-core machine (issues 9 and 13): tiny preset (from scratch), 64 px crops of the synthetic
@@ -128,6 +129,46 @@ _COCO_PAN0 = StepSchedule(240_000, 16, 1e-4, 1024, 800)
 _COCO_PAN_JOINT = _COCO_PAN0
 
 
+# ECLIPSE (clovaai/ECLIPSE script/ade_ps, script/ade_ss, script/coco_ps; reference eclipse-balconpas A8): the
+# increments train prompts only, at lr 5e-4 (ADE semantic 1e-3) for the scripts' iterations; ADE-PS 50-x bases
+# train 80k. Batch 8 (ADE-PS) / 16 (ADE-SS, COCO). COCO's constant lr (multi-step milestones past the end) is
+# replaced by the engine's poly decay: a known difference.
+_E_ADE_PAN_INC = StepSchedule(0, 8, 5e-4, 640, 640)
+_E_ADE_PAN50 = replace(_ADE_PAN0, iterations=80_000)
+_E_ADE_INC = StepSchedule(0, 16, 1e-3, 512, 512)
+_E_COCO_INC = StepSchedule(0, 16, 5e-4, 1024, 800)
+_ECLIPSE = {
+    "ade-pan-100-50": (_ADE_PAN0, replace(_E_ADE_PAN_INC, iterations=80_000)),
+    "ade-pan-100-10": (_ADE_PAN0, replace(_E_ADE_PAN_INC, iterations=16_000)),
+    "ade-pan-100-5": (_ADE_PAN0, replace(_E_ADE_PAN_INC, iterations=12_000)),
+    "ade-pan-50-50": (_E_ADE_PAN50, replace(_E_ADE_PAN_INC, iterations=120_000)),
+    "ade-pan-50-20": (_E_ADE_PAN50, replace(_E_ADE_PAN_INC, iterations=32_000)),
+    "ade-pan-50-10": (_E_ADE_PAN50, replace(_E_ADE_PAN_INC, iterations=24_000)),
+    "ade-100-50": (_ADE0, replace(_E_ADE_INC, iterations=120_000)),
+    "ade-100-10": (_ADE0, replace(_E_ADE_INC, iterations=24_000)),
+    "ade-100-5": (_ADE0, replace(_E_ADE_INC, iterations=12_000)),
+    "coco-pan-83-10": (_COCO_PAN0, replace(_E_COCO_INC, iterations=32_000)),
+    "coco-pan-83-5": (_COCO_PAN0, replace(_E_COCO_INC, iterations=8_000)),
+}
+# BalConpas (jinpeng0528/BalConpas scripts/*.sh; reference eclipse-balconpas B9): batch 8 everywhere, step 0
+# 160k at 1e-4, increments at 5e-5 for 50k (x-50), 10k (x-10), 5k (x-5) iterations; crops 640 (panoptic,
+# instance) and 512 (semantic). No ADE-PS 50-20 / 50-10 and no COCO in the release.
+_B_PAN0, _B_SEM0, _B_INST0 = (StepSchedule(160_000, 8, 1e-4, c, c) for c in (640, 512, 640))
+_BALCONPAS = {
+    name: (base, replace(base, iterations=iterations, lr=5e-5))
+    for prefix, base in (("ade-pan", _B_PAN0), ("ade", _B_SEM0))
+    for name, iterations in ((f"{prefix}-100-50", 50_000), (f"{prefix}-100-10", 10_000),
+                             (f"{prefix}-100-5", 5_000), (f"{prefix}-50-50", 50_000))
+} | {
+    f"ade-inst-50-{inc}": (_B_INST0, replace(_B_INST0, iterations=iterations, lr=5e-5))
+    for inc, iterations in ((50, 50_000), (10, 10_000), (5, 5_000))
+}
+_METHOD_TABLES = {
+    "eclipse-paper": (_ECLIPSE, "ECLIPSE scripts (reference eclipse-balconpas A8)"),
+    "balconpas-paper": (_BALCONPAS, "BalConpas scripts (reference eclipse-balconpas B9)"),
+}
+
+
 def _base_name(protocol) -> str:
     """Published rows are keyed by the canonical split without order/mode suffixes."""
     return protocol.name.split("@")[0].replace("-disjoint", "").split("~")[0]
@@ -151,6 +192,14 @@ def get_schedule(name: str, protocol) -> Schedule:
     if dataset.startswith("synth"):
         raise ConfigError(f"the {name!r} schedule is for real datasets; {protocol.name} is synthetic",
                           hint="use --schedule cpu (the default without CUDA)")
+    if name in _METHOD_TABLES:
+        table, source = _METHOD_TABLES[name]
+        if key not in table:
+            raise ConfigError(f"the {name!r} schedule has no row for {key}: the original scripts publish "
+                              f"{', '.join(sorted(table))}", hint="use --schedule paper (the shared schedule)")
+        step0, inc = table[key]
+        joint = get_schedule("paper", protocol).joint
+        return Schedule(name, step0, inc, joint, source)
     if dataset == "ade":
         if name == "cisdq-paper":
             step0, inc = StepSchedule(80_000, 32, 1e-4, 512, 512), StepSchedule(10_000, 32, 1e-4, 512, 512)

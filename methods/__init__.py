@@ -21,10 +21,11 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "cisdq-kl": ("methods.cisdq", "CisDQKL"),
     "eclipse": ("methods.eclipse", "ECLIPSE"),
     "balconpas": ("methods.balconpas", "BalConpas"),
+    "balconpas-r": ("methods.balconpas", "BalConpasR"),
     "joint": ("methods.joint", "Joint"),
 }
 # Variants run only when named (--methods cisdq-kl), not in the default grid (methods.md: optional).
-OPTIONAL = frozenset({"cisdq-kl"})
+OPTIONAL = frozenset({"cisdq-kl", "balconpas-r"})
 
 
 def _importable(name: str) -> bool:

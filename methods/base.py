@@ -125,6 +125,10 @@ class Method:
         """The engine's set loss on the step's ground truth (every decoder layer)."""
         return ctx.criterion(outputs.layer_class_logits_of(0), outputs.layer_mask_logits, batch.targets)
 
+    def replay_size(self) -> int:
+        """Images of earlier steps the engine replays at every step t > 0 (benchmark.data.replay; 0 = none)."""
+        return 0
+
     def class_scores(self, outputs: "ModelOutputs"):
         """Evaluation's post-logit hook: ``(class probabilities [B, Q, K], no-object [B, Q] or None)``.
 

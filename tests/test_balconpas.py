@@ -108,3 +108,91 @@ def test_balconpas_run_distils_and_writes_metrics(tmp_path):
     assert len(lines) == 2 and all("pcbd" in line for line in lines)
     table = metrics(run)
     assert set(table.step) == {0, 1, 2}
+
+
+def test_greedy_class_proportional_picks_by_hand():
+    from benchmark.data.replay import greedy_class_proportional
+
+    stats = [[1, 0], [1, 0], [0, 1], [1, 1]]
+    # target 50/50: [1,1] first (L1 0); then [1,0] and [0,1] tie at 1/3 -> the first; then [0,1] brings 2:2
+    assert greedy_class_proportional(stats, [5, 5], 3) == [3, 0, 2]
+    assert greedy_class_proportional(stats, [5, 5], 9) == [3, 0, 2, 1]      # never more than the candidates
+
+
+class _FakeDataset:
+    """A dataset reduced to what the memory selection reads: class presence per image."""
+
+    name, split, fingerprint = "fake", "train", "fake-v1"
+
+    def __init__(self, presence, cache_dir):
+        self._presence = presence
+        self.cache_dir = cache_dir
+
+    def presence(self):
+        return self._presence
+
+
+def test_replay_memory_matches_the_class_distribution(tmp_path):
+    import numpy as np
+
+    from benchmark.data.replay import class_proportional_memory
+    from protocols import get_protocol
+
+    protocol = get_protocol("synth-10-5")            # classes 1..10, then 11..15, then 16..20
+    rng = np.random.default_rng(0)
+    weights = np.linspace(1, 4, 20)                  # later classes are more frequent
+    presence = []
+    for _ in range(400):
+        k = rng.integers(1, 4)
+        presence.append(tuple(sorted(rng.choice(np.arange(1, 21), size=k, replace=False, p=weights / weights.sum()))))
+    ds = _FakeDataset(presence, tmp_path)
+    memory = class_proportional_memory(ds, protocol, 1, 30)
+    assert len(memory) == 30 and all(s == 0 for _, s in memory) and len({i for i, _ in memory}) == 30
+
+    def ratios(entries):
+        counts = np.zeros(20)
+        for i, s in entries:
+            for c in presence[i]:
+                if c in protocol.steps[s]:
+                    counts[c - 1] += 1
+        return counts / counts.sum()
+
+    step0 = [(i, 0) for i, p in enumerate(presence) if set(p) & set(protocol.steps[0])]
+    target = ratios(step0)
+    chosen = np.abs(ratios(memory) - target).sum()
+    random_l1 = [np.abs(ratios([step0[k] for k in rng.choice(len(step0), 30, replace=False)]) - target).sum()
+                 for _ in range(50)]
+    assert chosen < min(random_l1)                   # closer to the data's class ratios than any random draw
+    memory2 = class_proportional_memory(ds, protocol, 2, 30)
+    # after step 1: floor(30 * 10 / 15) = 20 kept from the previous memory, 10 drawn from step 1's images
+    assert sum(s == 0 for _, s in memory2) == 20 and sum(s == 1 for _, s in memory2) == 10
+    assert {e for e in memory2 if e[1] == 0} <= set(memory)
+
+
+def test_balconpas_r_replays_flagged_images_from_its_recorded_memory(tmp_path):
+    from benchmark.data import TrainLoader, TrainView
+    from benchmark.data.views import ConcatView, ReplayView
+    from benchmark.runner import run_one
+
+    run = run_one(spec("balconpas-r", tmp_path, extra=("--set", "method.memory_size=4")), show_progress=False)
+    record = (run / "replay_step_01.json")
+    import json
+
+    entries = json.loads(record.read_text())["entries"]
+    assert len(entries) == 4 and all(s == 0 for _, s in entries)
+    entries2 = json.loads((run / "replay_step_02.json").read_text())["entries"]
+    assert sum(s == 0 for _, s in entries2) == 2 and sum(s == 1 for _, s in entries2) == 2   # floor(4*10/15)
+    assert set(metrics(run).step) == {0, 1, 2}
+    # the data layer: replayed images come flagged, with only their own step's classes
+    from benchmark.runner import open_split, resolve
+
+    r = resolve(spec("balconpas-r", tmp_path, extra=("--set", "method.memory_size=4")))
+    ds = open_split(r, "train")
+    view = ConcatView(TrainView(ds, r.protocol, 1), ReplayView(ds, r.protocol, entries))
+    flags, labels = [], []
+    for batch, _ in zip(TrainLoader(view, batch_size=len(view), seed=0), range(1)):
+        flags, labels = batch.replay, batch.targets
+    assert sum(flags) == 4 and len(flags) == len(view)
+    for flag, target in zip(flags, labels):
+        allowed = range(0, 10) if flag else range(10, 15)
+        assert all(int(c) in allowed for c in target.labels)

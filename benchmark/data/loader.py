@@ -62,7 +62,7 @@ def collate(samples: Sequence[TrainSample], size_divisibility: int = SIZE_DIVISI
         masks = torch.zeros(len(sample.target), height, width, dtype=torch.bool)
         masks[:, :h, :w] = sample.target.masks
         targets.append(Target(sample.target.labels, masks))
-    return Batch(pixel_values, pixel_mask, targets, [s.image_id for s in samples])
+    return Batch(pixel_values, pixel_mask, targets, [s.image_id for s in samples], [s.replay for s in samples])
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:

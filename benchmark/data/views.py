@@ -43,6 +43,7 @@ class TrainSample(NamedTuple):
     image: torch.Tensor          # [3, h, w] float32, normalised
     target: Target               # labels [n] int64 class columns, masks [n, h, w] bool
     image_id: object
+    replay: bool = False         # a replayed image of an earlier step (benchmark.data.replay)
 
 
 class TrainView(Dataset):
@@ -83,6 +84,52 @@ class TrainView(Dataset):
         image, masks, labels = self.task.train_sample(self.ds, i, self.columns, self.aug, rng)
         target = Target(torch.as_tensor(labels, dtype=torch.int64), torch.from_numpy(masks))
         return TrainSample(to_tensor(image), target, self.ds.image_id(i))
+
+
+class ReplayView(Dataset):
+    """Replayed training images (:mod:`benchmark.data.replay` entries), each with the targets of the step it was
+    drawn from only, flagged ``replay``; augmented as the current images."""
+
+    def __init__(self, ds, protocol, entries, aug: AugConfig | None = None):
+        from benchmark.tasks import get_task
+
+        self.task = get_task(ds.task)
+        self.task.prepare_dataset(ds)
+        self.ds = ds
+        self.aug = aug or AugConfig()
+        self.entries = [(int(i), int(s)) for i, s in entries]
+        self.columns = {s: {c: protocol.column(c) for c in sorted(protocol.steps[s], key=protocol.column)}
+                        for s in {s for _, s in self.entries}}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: int | SampleKey) -> TrainSample:
+        if not isinstance(key, SampleKey):
+            key = SampleKey(int(key), position=int(key))
+        rng = np.random.default_rng([AUG_SALT, key.seed, key.epoch, key.position])
+        i, step = self.entries[key.index]
+        image, masks, labels = self.task.train_sample(self.ds, i, self.columns[step], self.aug, rng)
+        target = Target(torch.as_tensor(labels, dtype=torch.int64), torch.from_numpy(masks))
+        return TrainSample(to_tensor(image), target, self.ds.image_id(i), True)
+
+
+class ConcatView(Dataset):
+    """Views one after another (the current step's images, then the replay memory), sampled uniformly as one
+    dataset, as BalConpas concatenates its memory to the step's data (reference eclipse-balconpas B7.3)."""
+
+    def __init__(self, *views):
+        self.views = views
+        self.offsets = np.cumsum([0] + [len(v) for v in views])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: int | SampleKey) -> TrainSample:
+        if not isinstance(key, SampleKey):
+            key = SampleKey(int(key), position=int(key))
+        part = int(np.searchsorted(self.offsets, key.index, side="right")) - 1
+        return self.views[part][key._replace(index=key.index - int(self.offsets[part]))]
 
 
 class EvalView(Dataset):
