@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synth: run the protocols' class structure on synthetic data of that size")
     p.add_argument("--engine", default=None, metavar="PRESET",
                    help="model preset: tiny (CPU default), mid, r50, r101, swin-t, swin-b")
-    p.add_argument("--schedule", default=None, help="cpu (default without CUDA), paper, cisdq-paper")
+    p.add_argument("--schedule", default=None, help="cpu (default without CUDA), paper, cisdq-paper, eclipse-paper, balconpas-paper")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="results", help="results folder (default: results/)")
     # nargs="+" with "extend": one flag takes several pairs (--set a=1 b=2, as detectron2's trailing opts)

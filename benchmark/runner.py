@@ -281,7 +281,7 @@ def _step0_key(r: Resolved) -> str:
            | {"schedule": schedule}, "dataset": r.protocol.dataset, "layout": layout}
     if not (r.method.joint or r.method.shares_standard_step0):
         # the recipe and its hyper-parameters decide this step 0 (absent from the standard keys, which stay as they were)
-        key["recipe"] = [r.method.own_step0_recipe, r.config["method_hparams"]]
+        key["recipe"] = [r.method.own_step0_recipe, r.method.step0_hparams()]
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -69,7 +69,7 @@ class Method:
         on the model of :meth:`initial_layout`, so the runner trains it once per layout and reuses it for
         every such method (methods.md, schedules; the cache key includes the layout).
       * ``own_step0_recipe``: a name for a method's own step 0 (its loss or model differs from the standard one):
-        the runner caches it under a key that includes the name and the method's hyper-parameters (ECLIPSE).
+        the runner caches it under a key that includes the name and :meth:`step0_hparams` (ECLIPSE).
       * ``needs_old_model``: the engine builds the frozen previous-step model for steps t > 0 and runs
         it once per batch (no grad), handing its outputs to ``loss``.
       * ``joint``: train one step on every class (the upper bound).
@@ -106,6 +106,10 @@ class Method:
     def initial_layout(self, protocol: "Protocol", preset) -> list[tuple[int, int]]:
         """Query groups of the step-0 model as (num_queries, num_columns): one standard group."""
         return [(preset.num_queries, len(protocol.steps[0]))]
+
+    def step0_hparams(self) -> dict[str, Any]:
+        """The hyper-parameters an own step 0 depends on (part of its cache key; see ``own_step0_recipe``)."""
+        return self.hparams.to_dict()
 
     def model_options(self):
         """The structural options of every model this method builds (benchmark.engine.model.ModelOptions)."""

@@ -198,6 +198,12 @@ class ECLIPSE(Method):
     def protocol_overrides(cls, protocol_name: str) -> dict[str, Any]:
         return dict(SETTINGS.get(protocol_name.split("@")[0].split("~")[0], {}))
 
+    def step0_hparams(self) -> dict[str, Any]:
+        """Step 0 depends on its loss only (the deltas, prompts and incremental weights do not touch it)."""
+        hp = self.hparams
+        return {"class_weight_base": hp.class_weight_base, "focal_alpha": hp.focal_alpha,
+                "focal_gamma": hp.focal_gamma, "focal_scale": hp.focal_scale}
+
     def model_options(self):
         from benchmark.engine.model import ModelOptions
 

@@ -181,3 +181,17 @@ def test_eclipse_run_trains_its_own_step0_and_keeps_frozen_weights_bit_identical
     assert len(cache) == 1 and "eclipse" in (cache[0] / "run.json").read_text()
     table = metrics(run)
     assert set(table.step) == {0, 1, 2} and table.value.notna().any()
+
+
+def test_method_paper_schedules_are_the_scripts_rows():
+    from benchmark.errors import ConfigError
+    from benchmark.schedules import get_schedule
+
+    eclipse = get_schedule("eclipse-paper", get_protocol("ade-pan-50-10"))
+    assert (eclipse.step0.iterations, eclipse.increment.iterations, eclipse.increment.lr) == (80_000, 24_000, 5e-4)
+    semantic = get_schedule("eclipse-paper", get_protocol("ade-100-5"))
+    assert (semantic.increment.iterations, semantic.increment.lr, semantic.increment.batch_size) == (12_000, 1e-3, 16)
+    balconpas = get_schedule("balconpas-paper", get_protocol("ade-inst-50-5"))
+    assert (balconpas.step0.iterations, balconpas.increment.iterations, balconpas.increment.lr) == (160_000, 5_000, 5e-5)
+    with pytest.raises(ConfigError, match="no row for voc-15-1"):
+        get_schedule("eclipse-paper", get_protocol("voc-15-1"))

@@ -31,7 +31,8 @@ from .orders import DEFAULT_ORDER, order_name, splits_with_orders
 from .summary import JOINT, ProtocolLayout, ReportOptions, method_order
 
 DISPLAY_NAMES = {"finetune": "Fine-tuning", "joint": "Joint", "mib": "MiB", "plop": "PLOP",
-                 "comformer": "CoMFormer", "cisdq": "CisDQ", "cisdq-kl": "CisDQ (KL)"}
+                 "comformer": "CoMFormer", "cisdq": "CisDQ", "cisdq-kl": "CisDQ (KL)",
+                 "eclipse": "ECLIPSE", "balconpas": "BalConpas", "balconpas-r": "BalConpas (replay)"}
 METRIC_LABEL = {m: label for task in TASKS.values() for m, label in task.metric_labels.items()}
 TIE = "†"
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
