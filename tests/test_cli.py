@@ -34,7 +34,8 @@ def test_optional_variant_is_registered_but_not_in_the_default_grid():
     from methods import available_methods, default_methods, get_method
 
     assert "cisdq-kl" in available_methods() and "cisdq-kl" not in default_methods()
-    assert default_methods() == ["finetune", "mib", "plop", "comformer", "cisdq", "joint"]
+    assert default_methods() == ["finetune", "mib", "plop", "comformer", "cisdq", "eclipse", "balconpas", "joint"]
+    assert "balconpas-r" in available_methods() and "balconpas-r" not in default_methods()
     assert get_method("cisdq-kl", "synth-10-5").hparams.distill == "kl"
 
 
