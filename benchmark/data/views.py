@@ -46,6 +46,18 @@ class TrainSample(NamedTuple):
     replay: bool = False         # a replayed image of an earlier step (benchmark.data.replay)
 
 
+def _as_key(key: int | SampleKey) -> SampleKey:
+    return key if isinstance(key, SampleKey) else SampleKey(int(key), position=int(key))
+
+
+def _train_sample(task, ds, i: int, columns, aug, key: SampleKey, replay: bool = False) -> TrainSample:
+    """Image ``i`` augmented by the random stream of ``key``, with the targets of ``columns``."""
+    rng = np.random.default_rng([AUG_SALT, key.seed, key.epoch, key.position])
+    image, masks, labels = task.train_sample(ds, i, columns, aug, rng)
+    target = Target(torch.as_tensor(labels, dtype=torch.int64), torch.from_numpy(masks))
+    return TrainSample(to_tensor(image), target, ds.image_id(i), replay)
+
+
 class TrainView(Dataset):
     """The augmented training images of ``step`` of ``protocol`` (``protocol.as_joint()`` for joint)."""
 
@@ -77,13 +89,8 @@ class TrainView(Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: int | SampleKey) -> TrainSample:
-        if not isinstance(key, SampleKey):
-            key = SampleKey(int(key), position=int(key))
-        rng = np.random.default_rng([AUG_SALT, key.seed, key.epoch, key.position])
-        i = int(self.indices[key.index])
-        image, masks, labels = self.task.train_sample(self.ds, i, self.columns, self.aug, rng)
-        target = Target(torch.as_tensor(labels, dtype=torch.int64), torch.from_numpy(masks))
-        return TrainSample(to_tensor(image), target, self.ds.image_id(i))
+        key = _as_key(key)
+        return _train_sample(self.task, self.ds, int(self.indices[key.index]), self.columns, self.aug, key)
 
 
 class ReplayView(Dataset):
@@ -105,13 +112,9 @@ class ReplayView(Dataset):
         return len(self.entries)
 
     def __getitem__(self, key: int | SampleKey) -> TrainSample:
-        if not isinstance(key, SampleKey):
-            key = SampleKey(int(key), position=int(key))
-        rng = np.random.default_rng([AUG_SALT, key.seed, key.epoch, key.position])
+        key = _as_key(key)
         i, step = self.entries[key.index]
-        image, masks, labels = self.task.train_sample(self.ds, i, self.columns[step], self.aug, rng)
-        target = Target(torch.as_tensor(labels, dtype=torch.int64), torch.from_numpy(masks))
-        return TrainSample(to_tensor(image), target, self.ds.image_id(i), True)
+        return _train_sample(self.task, self.ds, i, self.columns[step], self.aug, key, replay=True)
 
 
 class ConcatView(Dataset):
@@ -126,8 +129,7 @@ class ConcatView(Dataset):
         return int(self.offsets[-1])
 
     def __getitem__(self, key: int | SampleKey) -> TrainSample:
-        if not isinstance(key, SampleKey):
-            key = SampleKey(int(key), position=int(key))
+        key = _as_key(key)
         part = int(np.searchsorted(self.offsets, key.index, side="right")) - 1
         return self.views[part][key._replace(index=key.index - int(self.offsets[part]))]
 
