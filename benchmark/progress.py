@@ -73,7 +73,9 @@ def plan_units(specs: Sequence) -> list[Unit]:
                     units[i] = Unit(0, iterations, done, units[i].logs + (run_dir / "log.txt",), units[i].label)
                     continue
                 shared[key] = len(units)
-                what = "joint" if r.method.joint else "shared step 0"
+                # ECLIPSE's own step 0 is cached like the shared one but is a different model: name it
+                what = ("joint" if r.method.joint else
+                        f"{r.method.own_step0_recipe} step 0" if r.method.own_step0_recipe else "shared step 0")
                 units.append(Unit(0, iterations, done, (run_dir / "log.txt",), f"{what} (seed {spec.seed})"))
             else:
                 units.append(Unit(t, iterations, run_dir / f"step_{t:02d}" / "DONE", (run_dir / "log.txt",), label))

@@ -22,6 +22,11 @@ def test_units_weigh_steps_by_iterations_and_count_a_shared_step0_once(tmp_path)
     assert snapshot(units) == Snapshot(0, 20, ())
 
 
+def test_an_own_step0_is_named_for_its_recipe(tmp_path):
+    units = plan_units([spec("finetune", tmp_path), spec("eclipse", tmp_path)])
+    assert [u.label for u in units if u.step == 0] == ["shared step 0 (seed 0)", "eclipse step 0 (seed 0)"]
+
+
 def test_snapshot_reads_done_markers_and_the_iteration_lines_of_the_logs(tmp_path):
     specs = [spec("finetune", tmp_path), spec("mib", tmp_path)]
     units = plan_units(specs)
