@@ -189,6 +189,20 @@ def test_add_group_keeps_earlier_groups_outputs_shapes_and_returns_index():
     assert [t.shape[1:] for t in out.layer_class_logits[0]] == [(6, 4), (4, 3), (2, 2)]
 
 
+def test_add_group_draws_its_queries_in_the_historical_order():
+    """A new group's queries are the 3rd (content) and 4th (position) N(0, 1) draws after the call: both
+    embeddings are built (two default draws) before either is re-drawn. Every CisDQ result before ECLIPSE's
+    engine features was made with this order; another order changes CisDQ's new groups and its numbers."""
+    model = build_model("tiny", [(6, 3)])
+    hidden = model.config.hidden_dim
+    torch.manual_seed(7)
+    draws = [torch.randn(4, hidden) for _ in range(4)]
+    torch.manual_seed(7)
+    model.add_group(4, 2)
+    assert torch.equal(model.group_query_features[0].weight, draws[2])
+    assert torch.equal(model.group_query_positions[0].weight, draws[3])
+
+
 # --- freezing and optimisation -------------------------------------------------------------------
 def _toy_loss(out):
     return sum(t.square().mean() for layer in out.layer_class_logits for t in layer) + \

@@ -233,10 +233,12 @@ class SegModel(nn.Module):
         """Append a query group with its own content/positional queries and head; returns its index."""
         _validate_layout([(num_queries, num_columns)])
         hidden = self.config.hidden_dim
+        # Both embeddings are built before either is re-drawn: the order of the random draws that fixed every
+        # earlier run's initial queries (CisDQ's new groups), kept so their results stay bit-identical.
         content = nn.Embedding(num_queries, hidden)
-        nn.init.normal_(content.weight)
         positions = [nn.Embedding(num_queries, hidden)
                      for _ in range(self.num_decoder_layers if self.options.layer_positions else 1)]
+        nn.init.normal_(content.weight)
         for position in positions:
             nn.init.normal_(position.weight)
         self.group_query_features.append(self._like_heads(content))
