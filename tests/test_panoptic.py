@@ -145,6 +145,28 @@ def test_panoptic_inference_thresholds_stuff_merge_and_overlap():
     assert pred.columns == ()
 
 
+def test_panoptic_task_uses_comformer_and_eclipse_thresholds_by_default():
+    """CoMFormer's and ECLIPSE's ADE panoptic configs (0.0 / 0.0): a query that is more likely its class than
+    no-object is kept however unconfident; Mask2Former's / BalConpas's 0.8 (one --set away) drops it."""
+    from benchmark.tasks.panoptic import PanopticInference
+
+    default = PanopticInference()
+    assert (default.object_mask_threshold, default.overlap_threshold) == (0.0, 0.0)
+    logits = torch.full((1, 4, 4), -10.0)
+    logits[0, :2, :2] = 10.0
+    probs = torch.tensor([[0.6, 0.1]])              # no-object 0.3 < 0.6 < 0.8
+    kwargs = dict(thing_columns=[0])
+    pred = panoptic_inference(probs, logits, (4, 4), (4, 4), **kwargs,
+                              object_mask_threshold=default.object_mask_threshold,
+                              overlap_threshold=default.overlap_threshold)
+    assert pred.columns == (0,) and int((pred.segment_ids == 1).sum()) == 4
+    stock = PanopticInference(object_mask_threshold=0.8, overlap_threshold=0.8)
+    pred = panoptic_inference(probs, logits, (4, 4), (4, 4), **kwargs,
+                              object_mask_threshold=stock.object_mask_threshold,
+                              overlap_threshold=stock.overlap_threshold)
+    assert pred.columns == () and int(pred.segment_ids.sum()) == 0
+
+
 # ---- the synthetic panoptic dataset ---------------------------------------------------------------
 def test_synth_pan_is_deterministic_and_has_stuff_in_every_split():
     spec = SynthSpec(stuff_classes=4)

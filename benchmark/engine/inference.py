@@ -209,7 +209,8 @@ def panoptic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Siz
     ``1 - sum_k p(k | q)``, ties to the class as in the semantic "segments" inference) and its score exceeds
     ``object_mask_threshold`` (0.8, ``MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD`` in
     ``configs/ade20k/panoptic-segmentation/maskformer2_R50_bs16_160k.yaml`` L43-44, as ``OVERLAP_THRESHOLD``;
-    BalConpas keeps both at 0.8, reference B8). Each pixel goes to the kept query
+    BalConpas keeps both at 0.8, reference B8; the panoptic task passes CoMFormer's and ECLIPSE's 0.0 / 0.0,
+    ``benchmark.tasks.panoptic.PanopticInference``). Each pixel goes to the kept query
     with the largest ``score * mask``; a query's segment is the pixels it wins where its own mask is >= 0.5;
     it is dropped when the pixels it wins are fewer than ``overlap_threshold`` (0.8) x its own mask area.
     Segments of one stuff class are merged into a single segment (the first one's id); every thing segment
