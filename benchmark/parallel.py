@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -92,7 +93,14 @@ def prepare_synthetic(specs: Sequence) -> None:
     from benchmark.runner import resolve
 
     for synth in {r.synth for r in map(resolve, specs) if r.protocol.dataset.startswith("synth")}:
-        ensure_synth(synth, progress=True)
+        # A bar on a terminal; in a log file (SLURM, ``> file``) one plain line instead of carriage returns.
+        terminal = sys.stderr.isatty()
+        if not terminal:
+            log.info("synthetic dataset (%d classes, %d images): generating unless cached", synth.num_classes,
+                     synth.train_images + synth.val_images)
+        folder = ensure_synth(synth, progress=terminal)
+        if not terminal:
+            log.info("synthetic dataset ready: %s", folder)
 
 
 def run_grid(specs: Sequence, jobs: int = 1, launcher: str = "local", slurm: dict | None = None) -> list[Path]:

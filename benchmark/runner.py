@@ -155,6 +155,18 @@ def resolve(spec: RunSpec) -> Resolved:
                     criterion, json.loads(json.dumps(config)), eval_options)
 
 
+def step_train_config(train, sched):
+    """The optimiser settings of one step: the run's ``TrainConfig`` with the step's iterations, batch and lr, and
+    its backbone multiplier where the step sets one (``--set increment.backbone_multiplier=0.1``: Mask2Former's
+    0.1 for the increments of a from-scratch CPU schedule, whose step 0 trains the backbone at 1.0)."""
+    from dataclasses import replace as dc_replace
+
+    cfg = dc_replace(train, iterations=sched.iterations, batch_size=sched.batch_size, lr=sched.lr)
+    if sched.backbone_multiplier is not None:
+        cfg = dc_replace(cfg, backbone_multiplier=sched.backbone_multiplier)
+    return cfg
+
+
 def synth_spec(protocol):
     """The synthetic dataset a protocol reads: K classes; synth-pan's K // 5 of them stuff."""
     from benchmark.data import SynthSpec
@@ -413,7 +425,7 @@ class StepRunner:
 
             entries = self.replay_memory(t, r.method.replay_size(), work_dir)
             view = ConcatView(view, ReplayView(self.train_ds, proto, entries, view.aug))
-        cfg = dc_replace(r.train, iterations=sched.iterations, batch_size=sched.batch_size, lr=sched.lr)
+        cfg = step_train_config(r.train, sched)
         per_rank = plan_batches(cfg.batch_size, self.dist.world_size, cfg.max_device_batch).micro_batch
 
         data_seed = r.spec.seed * 1000 + t

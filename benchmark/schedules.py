@@ -29,6 +29,8 @@ class StepSchedule:
     lr: float
     crop_size: int               # training crop (square)
     eval_size: int               # test-time short side
+    # This step's backbone lr multiplier; None = the schedule's (``Schedule.backbone_multiplier``).
+    backbone_multiplier: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-pap
 #     classes (2e-4: MiB base 28.5 vs 2.8) but stopped fine-tune from learning (plasticity 0.71 at 5e-4, 0.19
 #     at 2e-4), so the lr stays;
 #   * joint 2000 iterations (it learns twice the classes: 1200 gave 75 mIoU, 2000 gives 84).
+#   * the backbone keeps lr x 1.0 in the increments. Mask2Former's 0.1 there (``--set increment.backbone_multiplier=0.1``,
+#     synth-10-5, seeds 0-2, 2026-12-06, AMD EPYC AVX2) narrowed PLOP's base spread only (69.7 +- 5.1, novel
+#     39.9 +- 5.6; CoMFormer 77.8 +- 2.8 / 40.7 +- 6.2), kept MiB's base at 3.7 and cost fine-tuning new-class
+#     mIoU (novel 38.4 +- 1.6 against 42.4): not adopted.
 # One iteration takes ~0.08 s on one core (AMD EPYC, 1 thread), and the default run places one run per core
 # (benchmark.parallel.default_jobs).
 _CPU = StepSchedule(iterations=1200, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)

@@ -66,3 +66,16 @@ def test_a_terminal_console_drops_the_iteration_records():
     assert console_filter(record)
     record.progress_line = True
     assert not console_filter(record)
+
+
+def test_synthetic_generation_off_a_terminal_logs_plain_lines(tmp_path, capfd, caplog):
+    from benchmark.parallel import prepare_synthetic
+
+    # A dataset seed no other test uses, so it is really generated here; pytest's stderr is not a terminal.
+    with caplog.at_level(logging.INFO, logger="benchmark.parallel"):
+        prepare_synthetic([spec("finetune", tmp_path, extra=["--set", "synth.seed=913"])])
+    assert "\r" not in capfd.readouterr().err
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("synthetic dataset (20 classes, 36 images)") for m in messages)
+    ready = next(m for m in messages if m.startswith("synthetic dataset ready: "))
+    assert (tmp_path.parent / ready.split(": ", 1)[1]).resolve().is_dir()

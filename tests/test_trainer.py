@@ -197,6 +197,21 @@ def test_poly_schedule_values_and_backbone_multiplier():
     assert warm(50) == pytest.approx(0.5 ** 0.9)
 
 
+def test_a_step_schedule_may_set_its_own_backbone_multiplier(tmp_path):
+    from benchmark.runner import resolve, step_train_config
+    from tests.test_runner import spec
+
+    r = resolve(spec("finetune", tmp_path, extra=["--set", "increment.backbone_multiplier=0.1"]))
+    assert r.train.backbone_multiplier == 1.0          # the cpu schedule's: step 0 trains from scratch
+    lrs = {}
+    for t in (0, 1):
+        cfg = step_train_config(r.train, r.schedule.for_step(t))
+        lrs[t] = {g["name"]: g["lr"] for g in build_optimizer(tiny_model(), cfg).param_groups}
+    assert lrs[0]["backbone"] == lrs[0]["model"] == r.schedule.step0.lr
+    assert lrs[1]["backbone"] == pytest.approx(0.1 * lrs[1]["model"]) and lrs[1]["model"] == r.schedule.increment.lr
+    assert r.config["schedule"]["increment"]["backbone_multiplier"] == 0.1
+
+
 def test_optimizer_leaves_frozen_parameters_out_and_refuses_missing_ones():
     model = ToyModel()
     model.queries.weight.requires_grad_(False)

@@ -11,7 +11,9 @@ file. Changing, adding or removing a label file therefore invalidates it.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from benchmark.errors import DataError
 
 from .cache import cache_root, digest, read_json, write_json
 from .imageio import LabelCodec, read_image, read_label_raw
+
+log = logging.getLogger(__name__)
 
 SEMANTIC = "semantic"
 PRESENCE_VERSION = 1
@@ -132,8 +136,13 @@ class SemanticDataset:
             return self.codec.classes(read_label_raw(rec.label), rec.label)
 
         workers = min(8, os.cpu_count() or 1)
+        # A bar on a terminal only; a log file (SLURM, ``> file``) gets one plain line, no carriage returns.
+        bar = len(self) >= 500 and sys.stderr.isatty()
+        if not bar:
+            log.info("class presence %s/%s: reading %d label maps once (cached in %s)", self.name, self.split,
+                     len(self), path)
         with ThreadPoolExecutor(workers) as pool:
             table = list(tqdm(pool.map(classes, self._records), total=len(self), unit="img", leave=False,
-                              desc=f"class presence {self.name}/{self.split}", disable=len(self) < 500))
+                              desc=f"class presence {self.name}/{self.split}", disable=not bar))
         write_json(path, {"fingerprint": self.fingerprint, "classes": [list(c) for c in table]})
         return table
