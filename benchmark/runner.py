@@ -159,12 +159,9 @@ def step_train_config(train, sched):
     """The optimiser settings of one step: the run's ``TrainConfig`` with the step's iterations, batch and lr, and
     its backbone multiplier where the step sets one (``--set increment.backbone_multiplier=0.1``: Mask2Former's
     0.1 for the increments of a from-scratch CPU schedule, whose step 0 trains the backbone at 1.0)."""
-    from dataclasses import replace as dc_replace
-
-    cfg = dc_replace(train, iterations=sched.iterations, batch_size=sched.batch_size, lr=sched.lr)
-    if sched.backbone_multiplier is not None:
-        cfg = dc_replace(cfg, backbone_multiplier=sched.backbone_multiplier)
-    return cfg
+    multiplier = train.backbone_multiplier if sched.backbone_multiplier is None else sched.backbone_multiplier
+    return dataclasses.replace(train, iterations=sched.iterations, batch_size=sched.batch_size, lr=sched.lr,
+                               backbone_multiplier=multiplier)
 
 
 def synth_spec(protocol):
