@@ -148,7 +148,11 @@ def resolve(spec: RunSpec) -> Resolved:
     if eval_options is not None:
         config["eval"] = to_jsonable(eval_options)
     if protocol.dataset.startswith("synth"):
-        config["synth"] = to_jsonable(synth.to_config())
+        from benchmark.data.synth import GENERATOR_VERSION
+
+        # The generator's version names the dataset folder; in the config it also keys the shared step 0 and makes
+        # an old results folder refuse to resume (unless --overwrite) once the images or the catalogue change.
+        config["synth"] = to_jsonable(synth.to_config()) | {"generator_version": GENERATOR_VERSION}
     else:
         config["data_root"] = str(Path(spec.data_root).resolve())
     return Resolved(spec, protocol, train_protocol, method, schedule, preset, train, aug, loader, synth,

@@ -309,6 +309,19 @@ def test_splits_with_the_same_step0_share_it_in_overlap_mode_only(tmp_path):
     assert key("synth-10-5", "joint") != key("synth-10-5")
 
 
+def test_the_synthetic_generator_version_is_part_of_the_run_config_and_the_step0_key(tmp_path, monkeypatch):
+    import benchmark.data.synth as synth
+    from benchmark.runner import _step0_key, resolve
+
+    s = spec("finetune", tmp_path)
+    before = resolve(s)
+    assert before.config["synth"]["generator_version"] == synth.GENERATOR_VERSION
+    monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION + 1)
+    after = resolve(s)
+    assert after.config["synth"]["generator_version"] == synth.GENERATOR_VERSION
+    assert _step0_key(after) != _step0_key(before)      # a new catalogue never reuses an old step 0
+
+
 def test_submitit_timeout_requeues_and_resumes(tmp_path):
     """A job that receives SLURM's timeout signal (USR2) requeues itself and resumes from its in-step
     checkpoint; its results equal an uninterrupted run's. submitit's local executor plays SLURM; with a
