@@ -161,11 +161,12 @@ def resolve(spec: RunSpec) -> Resolved:
 
 def step_train_config(train, sched):
     """The optimiser settings of one step: the run's ``TrainConfig`` with the step's iterations, batch and lr, and
-    its backbone multiplier where the step sets one (``--set increment.backbone_multiplier=0.1``: Mask2Former's
-    0.1 for the increments of a from-scratch CPU schedule, whose step 0 trains the backbone at 1.0)."""
-    multiplier = train.backbone_multiplier if sched.backbone_multiplier is None else sched.backbone_multiplier
-    return dataclasses.replace(train, iterations=sched.iterations, batch_size=sched.batch_size, lr=sched.lr,
-                               backbone_multiplier=multiplier)
+    its backbone multiplier and warm-up where the step sets them (``--set increment.backbone_multiplier=0.1``:
+    Mask2Former's 0.1 for the increments of a from-scratch CPU schedule, whose step 0 trains the backbone at 1.0;
+    ``--set increment.warmup_iters=50 increment.warmup_factor=0.001``: a warm-up after each optimiser restart)."""
+    own = {name: getattr(sched, name) for name in ("backbone_multiplier", "warmup_iters", "warmup_factor")
+           if getattr(sched, name) is not None}
+    return dataclasses.replace(train, iterations=sched.iterations, batch_size=sched.batch_size, lr=sched.lr, **own)
 
 
 def synth_spec(protocol):

@@ -31,6 +31,10 @@ class StepSchedule:
     eval_size: int               # test-time short side
     # This step's backbone lr multiplier; None = the schedule's (``Schedule.backbone_multiplier``).
     backbone_multiplier: float | None = None
+    # This step's linear lr warm-up (detectron2's ``WARMUP_ITERS`` / ``WARMUP_FACTOR``); None = the run's
+    # ``train.warmup_iters`` / ``train.warmup_factor`` (Mask2Former: none).
+    warmup_iters: int | None = None
+    warmup_factor: float | None = None
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,23 @@ def test_a_step_schedule_may_set_its_own_backbone_multiplier(tmp_path):
     assert r.config["schedule"]["increment"]["backbone_multiplier"] == 0.1
 
 
+def test_a_step_schedule_may_set_its_own_warmup(tmp_path):
+    from benchmark.engine.optim import build_scheduler
+    from benchmark.runner import resolve, step_train_config
+    from tests.test_runner import spec
+
+    r = resolve(spec("finetune", tmp_path, extra=["--set", "increment.warmup_iters=10", "--set", "increment.warmup_factor=0.001",
+                                              "--set", "increment.iterations=100"]))
+    factors = {}
+    for t in (0, 1):
+        cfg = step_train_config(r.train, r.schedule.for_step(t))
+        scheduler = build_scheduler(build_optimizer(tiny_model(), cfg), cfg)
+        factors[t] = [scheduler.lr_lambdas[0](i) for i in (0, 5, 10)]
+    assert factors[0][0] == 1.0                                     # step 0 keeps the run's (no warm-up)
+    assert factors[1][0] == pytest.approx(0.001) and factors[1][0] < factors[1][1] < factors[1][2]
+    assert r.config["schedule"]["increment"]["warmup_iters"] == 10 and r.config["schedule"]["step0"]["warmup_iters"] is None
+
+
 def test_optimizer_leaves_frozen_parameters_out_and_refuses_missing_ones():
     model = ToyModel()
     model.queries.weight.requires_grad_(False)
