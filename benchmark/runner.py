@@ -440,6 +440,8 @@ class StepRunner:
                           task=proto.task, criterion=criterion, device=self.device, old_model=old_model,
                           iterate_train=iterate_train, iterations=sched.iterations)
         r.method.configure_model(model, ctx)
+        if t > 0 and r.preset.freeze_backbone_norm_after_step0 and not r.method.joint:
+            model.freeze_backbone_norm()
         model.to(self.device)
         r.method.before_step(ctx)
         loader = TrainLoader(view, batch_size=per_rank, seed=data_seed, workers=r.loader.workers,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from benchmark.config import parse_set_options
 from benchmark.errors import ConfigError
@@ -121,6 +122,22 @@ def test_end_to_end_writes_the_store_and_the_report(finished):
     # Not a terminal: the grid's progress comes as plain log lines, counted in iterations (4 + 3 + 3 + 4).
     assert "\r" not in res.stderr
     assert "progress: 14/14 iterations (100.0%)" in res.stderr
+
+
+def test_backbone_norm_may_freeze_from_step_1(tmp_path):
+    """A from-scratch preset trains its BatchNorm in step 0 and may keep it as FrozenBN afterwards."""
+    from benchmark.engine.checkpoint import load_weights
+
+    run = run_one(spec("finetune", tmp_path, extra=["--set", "model.freeze_backbone_norm_after_step0=true"]),
+                  show_progress=False)
+    (_, w0), (_, w1), (_, w2) = (load_weights(run / f"step_{t:02d}" / "weights.pt") for t in range(3))
+    norm = [k for k in w0 if ".encoder." in k and ".normalization." in k and not k.endswith("num_batches_tracked")]
+    assert norm and any(k.endswith("running_mean") for k in norm) and any(k.endswith(".weight") for k in norm)
+    for key in norm:
+        torch.testing.assert_close(w1[key], w0[key], rtol=0, atol=0)
+        torch.testing.assert_close(w2[key], w0[key], rtol=0, atol=0)
+    convs = [k for k in w0 if ".encoder." in k and ".convolution." in k]
+    assert convs and any(not torch.equal(w1[k], w0[k]) for k in convs)     # the rest of the backbone trains
 
 
 def test_same_command_again_skips_finished_steps(finished):

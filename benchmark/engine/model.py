@@ -118,6 +118,7 @@ class SegModel(nn.Module):
         self.group_attention_mask = group_attention_mask or options.group_attention_mask
         self.train_groups: tuple[int, ...] | None = None
         self._freeze_norm_statistics = False
+        self._frozen_backbone_norm = False
         self.config = preset.mask2former_config(num_queries=groups[0][0])
         with quiet_backbone_warning():
             self.model = Mask2FormerModel(self.config)
@@ -131,9 +132,7 @@ class SegModel(nn.Module):
         for num_queries, num_columns in groups[1:]:
             self.add_group(num_queries, num_columns)
         if preset.freeze_backbone_norm:
-            for module in self._backbone_norms():
-                module.requires_grad_(False)
-            self.train(self.training)
+            self.freeze_backbone_norm()
 
     # --- structure ------------------------------------------------------------------------------
     @property
@@ -335,9 +334,16 @@ class SegModel(nn.Module):
     def _backbone_norms(self) -> list[nn.Module]:
         return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
+    def freeze_backbone_norm(self) -> None:
+        """From now on the backbone BatchNorms act as FrozenBN: running statistics used and kept, affine frozen."""
+        self._frozen_backbone_norm = True
+        for module in self._backbone_norms():
+            module.requires_grad_(False)
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "SegModel":
         super().train(mode)
-        if self.preset.freeze_backbone_norm:
+        if self._frozen_backbone_norm:
             for module in self._backbone_norms():
                 module.eval()
         if self._freeze_norm_statistics:

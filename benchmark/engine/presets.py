@@ -99,6 +99,11 @@ class ModelPreset:
     # them without --backbone-weights unless ``from_scratch`` (--set model.from_scratch=true) says it is meant.
     pretrained: bool = False
     from_scratch: bool = False
+    # A preset that trains its backbone BatchNorm from scratch in step 0 (``freeze_backbone_norm`` False) may
+    # freeze it from step 1 on (statistics and affine, as FrozenBN): the increments then run in the regime of
+    # the paper presets, whose FrozenBN never moves, instead of re-estimating the base model's statistics from
+    # each step's few new-class images (see the tiny preset).
+    freeze_backbone_norm_after_step0: bool = False
 
     def mask2former_config(self, num_queries: int | None = None, num_labels: int = 1) -> Mask2FormerConfig:
         """The transformers config; ``num_queries`` sizes the stock (group-0) query embeddings."""
