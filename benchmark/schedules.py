@@ -83,6 +83,9 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-pap
 #     synth-10-5, seeds 0-2, 2026-12-06, AMD EPYC AVX2) narrowed PLOP's base spread only (69.7 +- 5.1, novel
 #     39.9 +- 5.6; CoMFormer 77.8 +- 2.8 / 40.7 +- 6.2), kept MiB's base at 3.7 and cost fine-tuning new-class
 #     mIoU (novel 38.4 +- 1.6 against 42.4): not adopted.
+#   * no warm-up in the increments: 50 iterations from 0.001 x lr (``--set increment.warmup_iters=50
+#     increment.warmup_factor=0.001``, one shared step 0, seeds 0-2, 2026-12-06) gave CoMFormer 75.2 +- 2.4 / 30.7 +- 3.8
+#     (novel 8.6 points lower) and PLOP 74.9 +- 3.5 / 48.8 +- 4.9: the spread moved between columns.
 # One iteration takes ~0.08 s on one core (AMD EPYC, 1 thread), and the default run places one run per core
 # (benchmark.parallel.default_jobs).
 _CPU = StepSchedule(iterations=1200, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)
