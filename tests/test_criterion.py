@@ -207,3 +207,66 @@ def test_half_precision_logits_give_float32_terms_close_to_float32():
     for name in full:
         assert half[name].dtype == torch.float32
         torch.testing.assert_close(half[name], full[name], rtol=2e-3, atol=0)
+
+
+def _dense_terms(class_logits, mask_logits, targets, side):
+    """The set loss written out densely: every pixel of a side x side mask-logit map, the targets read at the
+    same pixel centres (bilinear on an integer-factor finer target = the mean of each block's central 2 x 2)."""
+    from scipy.optimize import linear_sum_assignment
+    factor = targets[0].masks.shape[-1] // side
+    lo = factor // 2 - 1
+    terms = {"ce": 0.0, "mask": 0.0, "dice": 0.0}
+    num_masks = sum(len(t) for t in targets)
+    for logits, masks in zip(class_logits, mask_logits):
+        target_classes = torch.full(logits.shape[:2], logits.shape[-1] - 1)
+        bce_sum, dice_sum = 0.0, 0.0
+        for b, target in enumerate(targets):
+            if len(target) == 0:
+                continue
+            tgt = target.masks.float().view(len(target), side, factor, side, factor)[:, :, lo:lo + 2, :, lo:lo + 2]
+            tgt = tgt.mean(dim=(2, 4)).flatten(1)                                   # [n, P]
+            pred = masks[b].flatten(1)                                               # [Q, P]
+            bce = torch.stack([F.binary_cross_entropy_with_logits(pred, t.expand_as(pred), reduction="none").mean(1)
+                               for t in tgt], dim=1)                                  # [Q, n]
+            prob = pred.sigmoid()
+            dice = 1 - (2 * prob @ tgt.T + 1) / (prob.sum(1)[:, None] + tgt.sum(1)[None] + 1)
+            cost = 5 * bce + 5 * dice - 2 * logits[b].softmax(-1)[:, target.labels]
+            rows, cols = linear_sum_assignment(cost.detach().numpy())
+            target_classes[b, rows] = target.labels[cols]
+            bce_sum = bce_sum + bce[rows, cols].sum()
+            dice_sum = dice_sum + dice[rows, cols].sum()
+        weight = torch.ones(logits.shape[-1])
+        weight[-1] = 0.1
+        terms["ce"] = terms["ce"] + 2 * F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+        terms["mask"] = terms["mask"] + 5 * bce_sum / num_masks
+        terms["dice"] = terms["dice"] + 5 * dice_sum / num_masks
+    return terms
+
+
+def test_grid_point_sampling_is_the_dense_loss_and_draws_no_random_number():
+    gen = torch.Generator().manual_seed(3)
+    side = 16
+    class_logits = [torch.randn(B, Q, C + 1, generator=gen, requires_grad=True) for _ in range(LAYERS)]
+    mask_logits = [torch.randn(B, Q, side, side, generator=gen, requires_grad=True) for _ in range(LAYERS)]
+    targets = [Target(torch.randint(0, C, (n,), generator=gen), torch.rand(n, 64, 64, generator=gen) > 0.6)
+               for n in (3, 2)]
+    criterion = SetCriterion(num_points=side * side, point_sampling="grid")
+    torch.manual_seed(0)
+    ours = criterion(class_logits, mask_logits, targets)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after)                   # the criterion consumed no random number
+    torch.manual_seed(99)
+    again = criterion(class_logits, mask_logits, targets)
+    dense = _dense_terms(class_logits, mask_logits, targets, side)
+    for name in ours:
+        assert torch.equal(ours[name], again[name])
+        torch.testing.assert_close(ours[name], dense[name], rtol=1e-5, atol=1e-6)
+    # A map that is not the grid's size is read bilinearly at the same centres.
+    coarse = SetCriterion(num_points=8 * 8, point_sampling="grid")
+    torch.testing.assert_close(coarse._sample(mask_logits[0], coarse._grid(torch.device("cpu")).expand(B, -1, -1)),
+                               F.avg_pool2d(mask_logits[0], 2).flatten(2), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="square"):
+        SetCriterion(num_points=200, point_sampling="grid")
+    with pytest.raises(ConfigError, match="point_sampling"):
+        SetCriterion(point_sampling="uniform")

@@ -31,6 +31,7 @@ Mask2Former: every rank must then call the criterion the same number of times.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -51,6 +52,7 @@ from benchmark.batch import Target
 from benchmark.errors import ConfigError
 
 MASK_MODES = ("sigmoid", "softmax")
+POINT_SAMPLINGS = ("random", "grid")
 
 # One matching of one layer: per image (query indices, target indices), int64 CPU tensors.
 Matching = list[tuple[Tensor, Tensor]]
@@ -75,11 +77,23 @@ class SetCriterion:
     mask_mode: str = "sigmoid"
     focal_alpha: float = 5.0
     focal_gamma: float = 1.0
+    # "random": Mask2Former's points (uniform for the matching, importance-sampled for the loss). "grid": the
+    # centres of a fixed sqrt(num_points) x sqrt(num_points) grid for both, the same for every image, layer and
+    # mask: no random draw. With a mask-logit map of exactly that size (the tiny preset: 256 points, 16x16 logits
+    # of a 64-px crop) the grid is every logit pixel once, so the loss is the dense loss Mask2Former's point
+    # sampling approximates at high resolution, without its sampling noise or its 3x-oversampled uncertainty pass.
+    point_sampling: str = "random"
 
     def __post_init__(self) -> None:
         if self.mask_mode not in MASK_MODES:
             raise ConfigError(f"unknown mask_mode {self.mask_mode!r} for the set criterion",
                               hint=f"use one of {', '.join(MASK_MODES)}")
+        if self.point_sampling not in POINT_SAMPLINGS:
+            raise ConfigError(f"unknown point_sampling {self.point_sampling!r} for the set criterion",
+                              hint=f"use one of {', '.join(POINT_SAMPLINGS)}")
+        if self.point_sampling == "grid" and math.isqrt(self.num_points) ** 2 != self.num_points:
+            raise ConfigError(f"point_sampling 'grid' needs a square num_points, got {self.num_points}",
+                              hint="e.g. 256 (16 x 16) or 12544 (112 x 112)")
         if self.num_points < 1:
             raise ConfigError(f"the set criterion needs num_points >= 1, got {self.num_points}",
                               hint="Mask2Former uses 12544; CPU presets use about 1000")
@@ -158,15 +172,18 @@ class SetCriterion:
     def _match(self, class_logits: Tensor, mask_logits: Tensor, prepared: "_Targets") -> Matching:
         batch, num_queries = class_logits.shape[:2]
         device = mask_logits.device
-        # One draw per image, as stock does (same random stream for a given seed).
-        coords = torch.cat([torch.rand(1, self.num_points, 2, device=device) for _ in range(batch)])
+        if self.point_sampling == "grid":
+            coords = self._grid(device).expand(batch, -1, -1)
+        else:
+            # One draw per image, as stock does (same random stream for a given seed).
+            coords = torch.cat([torch.rand(1, self.num_points, 2, device=device) for _ in range(batch)])
         if prepared.total == 0:
             return [_empty_match() for _ in range(batch)]
         with torch.autocast(device.type, enabled=False):
             masks = mask_logits.float()
             if self.mask_mode == "softmax":
                 masks = masks.softmax(dim=1)
-            pred_points = sample_point(masks, coords, align_corners=False)            # [B, Q, P]
+            pred_points = self._sample(masks, coords)                                 # [B, Q, P]
             target_points = prepared.sample(coords.repeat_interleave(prepared.counts_tensor(device), dim=0))
             class_probs = class_logits.float().softmax(-1)
             costs = []
@@ -235,7 +252,7 @@ class SetCriterion:
             with torch.no_grad():
                 coords = self._importance_points(pred, lambda logits: -logits.abs())
                 labels = prepared.sample_pairs(coords, flat.target)
-            logits = sample_point(pred, coords, align_corners=False).squeeze(1)
+            logits = self._sample(pred, coords).squeeze(1)
             return (sigmoid_cross_entropy_loss(logits, labels, num_masks),
                     dice_loss(logits, labels, num_masks))
         probs = mask_logits.float().softmax(dim=1)[flat.image, flat.query][:, None]
@@ -243,15 +260,33 @@ class SetCriterion:
         with torch.no_grad():
             coords = self._importance_points(probs, lambda p: -(2 * p - 1).abs())
             labels = prepared.sample_pairs(coords, flat.target)
-        point_probs = sample_point(probs, coords, align_corners=False).squeeze(1)
-        point_log_probs = sample_point(log_probs, coords, align_corners=False).squeeze(1)
+        point_probs = self._sample(probs, coords).squeeze(1)
+        point_log_probs = self._sample(log_probs, coords).squeeze(1)
         mask_term = (-point_log_probs * labels).mean(1).sum() / num_masks
         dice = (2 * (point_probs * labels).sum(-1) + 1) / (point_probs.sum(-1) + labels.sum(-1) + 1)
         return mask_term, (1 - dice).sum() / num_masks
 
+    def _sample(self, maps: Tensor, coords: Tensor) -> Tensor:
+        """``sample_point(maps [N, C, h, w], coords) -> [N, C, P]``; on the grid of a map of exactly the grid's
+        size the bilinear samples are the pixels themselves (centres, ``align_corners=False``), read directly."""
+        side = math.isqrt(self.num_points)
+        if self.point_sampling == "grid" and maps.shape[-2:] == (side, side):
+            return maps.flatten(-2)
+        return sample_point(maps, coords, align_corners=False)
+
+    def _grid(self, device: torch.device) -> Tensor:
+        """[1, P, 2] (x, y) centres of the regular sqrt(P) x sqrt(P) grid in [0, 1]."""
+        side = math.isqrt(self.num_points)
+        centres = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side
+        y, x = torch.meshgrid(centres, centres, indexing="ij")
+        return torch.stack([x.flatten(), y.flatten()], dim=-1)[None]
+
     def _importance_points(self, maps: Tensor, uncertainty: Callable[[Tensor], Tensor]) -> Tensor:
-        """PointRend's uncertainty sampling as Mask2Former uses it: [M, P, 2] coordinates in [0, 1]."""
+        """PointRend's uncertainty sampling as Mask2Former uses it: [M, P, 2] coordinates in [0, 1]
+        (the fixed grid when ``point_sampling`` is "grid")."""
         count = maps.shape[0]
+        if self.point_sampling == "grid":
+            return self._grid(maps.device).expand(count, -1, -1)
         num_sampled = int(self.num_points * self.oversample_ratio)
         coords = torch.rand(count, num_sampled, 2, device=maps.device)
         scores = uncertainty(sample_point(maps, coords, align_corners=False))[:, 0]   # [M, num_sampled]
