@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from benchmark.calibrate import calibration, main
@@ -32,6 +33,8 @@ def test_quantities_match_the_hand_computation(results):
     assert "step 1" in q["plasticity"].detail
     # MiB final base 40, 42, 44 -> std 2 (its 'all' (80 + 4s + 80) / 4 has std 1; fine-tune and joint 0)
     assert q["stability (max std)"].value == pytest.approx(2.0) and "mib base" in q["stability (max std)"].detail
+    # the other 7 of the 9 (method, group) stds are 0: rms sqrt((2^2 + 1^2) / 9), none above 3
+    assert f"rms {np.sqrt(5 / 9):.2f}, 0/9 above" in q["stability (max std)"].detail
     assert q["forgetting margin"].value == pytest.approx(0.5 * 80 - 0) and q["forgetting margin"].met
     assert q["retention margin"].value == pytest.approx(min(42 - 2 * 0, 42 - 0 - 10))
     assert q["joint all"].value == pytest.approx(80) and q["joint all"].met
