@@ -93,12 +93,12 @@ class SetCriterion:
         if self.point_sampling not in POINT_SAMPLINGS:
             raise ConfigError(f"unknown point_sampling {self.point_sampling!r} for the set criterion",
                               hint=f"use one of {', '.join(POINT_SAMPLINGS)}")
-        if self.point_sampling == "grid" and math.isqrt(self.num_points) ** 2 != self.num_points:
-            raise ConfigError(f"point_sampling 'grid' needs a square num_points, got {self.num_points}",
-                              hint="e.g. 256 (16 x 16) or 12544 (112 x 112)")
         if self.num_points < 1:
             raise ConfigError(f"the set criterion needs num_points >= 1, got {self.num_points}",
                               hint="Mask2Former uses 12544; CPU presets use about 1000")
+        if self.point_sampling == "grid" and math.isqrt(self.num_points) ** 2 != self.num_points:
+            raise ConfigError(f"point_sampling 'grid' needs a square num_points, got {self.num_points}",
+                              hint="e.g. 256 (16 x 16) or 12544 (112 x 112)")
         if self.oversample_ratio < 1:
             raise ConfigError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}",
                               hint="Mask2Former uses 3.0")
@@ -174,11 +174,7 @@ class SetCriterion:
     def _match(self, class_logits: Tensor, mask_logits: Tensor, prepared: "_Targets") -> Matching:
         batch, num_queries = class_logits.shape[:2]
         device = mask_logits.device
-        if self.point_sampling == "grid":
-            coords = self._grid(device).expand(batch, -1, -1)
-        else:
-            # One draw per image, as stock does (same random stream for a given seed).
-            coords = torch.cat([torch.rand(1, self.num_points, 2, device=device) for _ in range(batch)])
+        coords = self._uniform_points(batch, device)
         if prepared.total == 0:
             return [_empty_match() for _ in range(batch)]
         with torch.autocast(device.type, enabled=False):
@@ -275,6 +271,13 @@ class SetCriterion:
         if self.point_sampling == "grid" and maps.shape[-2:] == (side, side):
             return maps.flatten(-2)
         return sample_point(maps, coords, align_corners=False)
+
+    def _uniform_points(self, count: int, device: torch.device) -> Tensor:
+        """The matching's [count, P, 2] points: one uniform draw per image, as stock does (same random stream for
+        a given seed), or the fixed grid."""
+        if self.point_sampling == "grid":
+            return self._grid(device).expand(count, -1, -1)
+        return torch.cat([torch.rand(1, self.num_points, 2, device=device) for _ in range(count)])
 
     def _grid(self, device: torch.device) -> Tensor:
         """[1, P, 2] (x, y) centres of the regular sqrt(P) x sqrt(P) grid in [0, 1]."""
