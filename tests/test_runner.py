@@ -243,6 +243,59 @@ def test_joblib_grid_and_submitit_local_executor(tmp_path):
     pd.testing.assert_frame_equal(metrics(d), metrics(tmp_path / "grid" / PROTOCOL / "joint" / "seed0"))
 
 
+def _children(pid):
+    """The live (not zombie) processes whose parent is ``pid``, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_sigterm_of_the_command_stops_its_parallel_workers(tmp_path):
+    """``kill`` (SIGTERM to the parent alone) mid-training: exit 143, no traceback, and the loky workers end too.
+
+    Before, the orphaned workers trained on (their runs' locks held, a core each) after the parent was gone."""
+    long = ["--set", "step0.iterations=100000", "--set", "joint.iterations=100000"]
+    args = ["--methods", "finetune", "joint", "--protocol", PROTOCOL, "--device", "cpu", "--no-report",
+            "--jobs", "2", "--out", str(tmp_path / "out"), *tiny_args(long)]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "run_benchmark.py"), *args], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    workers = []
+    try:
+        deadline = time.time() + 240
+        while len(list((tmp_path / "out").rglob("*.inprogress.pt"))) < 2 and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.1)
+        workers = [p for p in _children(proc.pid) if "LokyProcess" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(workers) == 2 and proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        deadline = time.time() + 30
+        while any(_alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), "a worker outlived the terminated command"
+        stderr = (tmp_path / "stderr.txt").read_text()
+        assert "terminated: finished steps are kept" in stderr and "Traceback" not in stderr
+    finally:
+        for p in [proc.pid, *workers]:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
 def test_torchrun_two_gloo_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
