@@ -130,3 +130,33 @@ def test_spec_validation():
         SynthSpec(min_size=100, max_size=90)
     with pytest.raises(ConfigError, match="unknown synthetic dataset option"):
         open_dataset("synth", None, "train", colour="red")
+
+
+def test_synthetic_readers_decode_each_image_once_real_ones_per_call(folder, tmp_path, monkeypatch):
+    """The small synthetic splits keep what they decode (benchmark.data.decoded); ADE re-reads its files."""
+    from benchmark.data import semantic as semantic_module
+    from tests.test_data_writers import write_ade
+
+    reads = []
+    real_read = semantic_module.read_image
+    monkeypatch.setattr(semantic_module, "read_image", lambda path: reads.append(path) or real_read(path))
+    sem = open_dataset("synth", folder.parent, "train", spec=SMALL, progress=False)
+    first, again = sem.load_pair(3), sem.load_pair(3)
+    assert first is again and len(reads) == 1
+    image, label = first
+    assert not image.flags.writeable and not label.flags.writeable      # a transform cannot alter later epochs
+    with pytest.raises(ValueError):
+        image[0, 0] = 0
+    assert np.array_equal(image, real_read(reads[0]))
+
+    write_ade(tmp_path / "ade", {"ADE_train_00000001": [7]}, {"ADE_val_00000001": [3]})
+    ade = open_dataset("ade", tmp_path / "ade", "train", cache_dir=tmp_path / "cache")
+    a, b = ade.load_pair(0), ade.load_pair(0)
+    assert a is not b and len(reads) == 3 and not a[0].flags.writeable
+
+
+def test_synthetic_panoptic_reader_keeps_decoded_targets(tmp_path):
+    spec = SynthSpec(num_classes=6, seed=3, train_images=6, val_images=2, stuff_classes=1)
+    pan = open_dataset("synth-pan", tmp_path, "train", spec=spec, progress=False)
+    first = pan.load(2)
+    assert pan.load(2) is first and not first[1].ids.flags.writeable and not first[0].flags.writeable

@@ -323,7 +323,14 @@ def test_parallel_dispatch_puts_shared_step0_producers_first(tmp_path):
     assert [s.method for s in dispatch_order([spec("finetune", tmp_path), spec("mib", tmp_path), wider])] == \
         ["finetune", "cisdq", "mib"]
     other_seed = RunSpec(method="mib", protocol=PROTOCOL, seed=1, device="cpu", out=str(tmp_path))
-    assert [s.method for s in dispatch_order([spec("finetune", tmp_path), other_seed])] == ["finetune", "mib"]
+    # another seed's step 0: MiB trains it (a producer too), and its 1800 cpu-schedule iterations go first
+    assert [s.method for s in dispatch_order([spec("finetune", tmp_path), other_seed])] == ["mib", "finetune"]
+    # the cpu schedule: joint's 2000 iterations first, then the 1200 + 2 x 300 of the step-0 producers;
+    # the sharers (2 x 300, their step 0 reused) last, in the CLI's order
+    every = ["finetune", "mib", "plop", "comformer", "cisdq", "eclipse", "balconpas", "joint"]
+    default = [RunSpec(method=m, protocol=PROTOCOL, seed=0, device="cpu", out=str(tmp_path)) for m in every]
+    assert [s.method for s in dispatch_order(default)] == \
+        ["joint", "finetune", "eclipse", "mib", "plop", "comformer", "cisdq", "balconpas"]
 
 
 def test_default_jobs_one_per_core_and_one_under_torchrun(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ from benchmark.errors import DataError
 from benchmark.metrics.pq import VOID, Segment
 
 from .cache import cache_root, digest, read_json, write_json
+from .decoded import DecodedMemo
 from .imageio import read_image
 
 PANOPTIC = "panoptic"
@@ -110,6 +111,7 @@ class PanopticDataset:
         self.fingerprint = digest(PANOPTIC, PANOPTIC_VERSION, name, split, category_offset,
                                   str(self.json_path.resolve()), st.st_size, st.st_mtime_ns)
         self._segments: dict[Any, tuple[Segment, ...]] | None = None
+        self._decoded = DecodedMemo()
         cached = read_json(self._presence_file())
         if cached and cached.get("fingerprint") == self.fingerprint:
             self._images = [PanopticRecord(*r) for r in cached["images"]]
@@ -183,7 +185,15 @@ class PanopticDataset:
                                                                      "the panoptic annotations")
         return PanopticTarget(ids, tuple(s for s in segments if s.id in present))
 
+    def keep_decoded(self) -> None:
+        """Decode each image once and keep it (benchmark.data.decoded): for a split that fits in memory."""
+        self._decoded.enable()
+
     def load(self, i: int) -> tuple[np.ndarray, PanopticTarget]:
+        """(HxWx3 uint8 image, its target), checked against the json; read-only arrays."""
+        return self._decoded.get(i, lambda: self._decode(i))
+
+    def _decode(self, i: int) -> tuple[np.ndarray, PanopticTarget]:
         image = self.load_image(i)
         rec = self._images[i]
         if image.shape[:2] != (rec.height, rec.width):

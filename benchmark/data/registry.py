@@ -81,15 +81,21 @@ def _open_synth(name, root, split, spec, cache_dir, progress, options):
         spec = SynthSpec(**options)
     folder = ensure_synth(spec, cache_root(cache_dir) / "synth" if root is None else root, progress)
     k = spec.num_classes
+    # The synthetic splits are small (600 + 120 images of 64-96 px by default), so the semantic and panoptic
+    # readers keep what they decode (benchmark.data.decoded); the instance reader decodes per call.
     if name == "synth":
-        return open_ade(folder, split, cache_dir, num_classes=k, name="synth", dataset="synth")
+        ds = open_ade(folder, split, cache_dir, num_classes=k, name="synth", dataset="synth")
+        ds.keep_decoded()
+        return ds
     if name == "synth-pan":
         if not spec.panoptic:
             raise ConfigError("synth-pan needs a SynthSpec with stuff_classes > 0",
                               hint="pass stuff_classes=protocols.synthetic.default_stuff_classes(K)")
         json_path, png_dir, image_dir = panoptic_paths(folder, split)
-        return PanopticDataset("synth-pan", split, json_path, png_dir, image_dir, cache_dir=cache_dir,
-                               prepare_hint=f"delete {folder} to regenerate the synthetic dataset")
+        ds = PanopticDataset("synth-pan", split, json_path, png_dir, image_dir, cache_dir=cache_dir,
+                             prepare_hint=f"delete {folder} to regenerate the synthetic dataset")
+        ds.keep_decoded()
+        return ds
     base = folder / "ADEChallengeData2016"
     json_path = base / f"synth_instance_{split}.json"
     image_dir = base / "images" / ("training" if split == "train" else "validation")

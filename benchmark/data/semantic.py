@@ -24,6 +24,7 @@ from tqdm import tqdm
 from benchmark.errors import DataError
 
 from .cache import cache_root, digest, read_json, write_json
+from .decoded import DecodedMemo
 from .imageio import LabelCodec, read_image, read_label_raw
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ class SemanticDataset:
         self.fingerprint = digest("semantic", PRESENCE_VERSION, name, split, codec.table,
                                   [(r.image_id, label_stats[r.label.stem]) for r in records])
         self._presence: list[tuple[int, ...]] | None = None
+        self._decoded = DecodedMemo()
+
+    def keep_decoded(self) -> None:
+        """Decode each image once and keep it (benchmark.data.decoded): for a split that fits in memory."""
+        self._decoded.enable()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -108,7 +114,10 @@ class SemanticDataset:
         return self.codec.decode(read_label_raw(path), path)
 
     def load_pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(HxWx3 uint8 image, HxW uint8 native ids), checked to have the same size."""
+        """(HxWx3 uint8 image, HxW uint8 native ids), checked to have the same size; read-only arrays."""
+        return self._decoded.get(i, lambda: self._decode_pair(i))
+
+    def _decode_pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         image, label = self.load_image(i), self.load_label(i)
         if image.shape[:2] != label.shape:
             rec = self._records[i]
