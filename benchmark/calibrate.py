@@ -79,7 +79,7 @@ def calibration(df: pd.DataFrame, targets: Targets = Targets()) -> list[Quantity
         sc = scores[(scores["protocol"] == protocol) & (scores["metric"] == metric[protocol])]
         final = int(rows["class_step"].max())
         out += [_convergence(protocol, sc, targets), _plasticity(protocol, rows, final, targets),
-                _stability(protocol, sc, final, targets), *_central(protocol, sc, final, targets)]
+                _stability(protocol, sc, rows, final, targets), *_central(protocol, sc, final, targets)]
     return out
 
 
@@ -126,7 +126,7 @@ def _plasticity(protocol: str, rows: pd.DataFrame, final: int, targets: Targets)
                     f"worst: step {t}, seed {seed}: fine-tune new {a:.1f} / joint {b:.1f}")
 
 
-def _stability(protocol: str, sc: pd.DataFrame, final: int, targets: Targets) -> Quantity:
+def _stability(protocol: str, sc: pd.DataFrame, rows: pd.DataFrame, final: int, targets: Targets) -> Quantity:
     last = sc[(sc["step"] == final) & sc["group"].isin(list(GROUP_NAMES))]
     stds = last.groupby(["method", "group"])["value"].agg(lambda v: v.std(ddof=1) if len(v) > 1 else np.nan)
     stds = stds.dropna()
@@ -139,7 +139,24 @@ def _stability(protocol: str, sc: pd.DataFrame, final: int, targets: Targets) ->
     # above target say whether a change moved the typical spread or only which quantity is the largest.
     rms, above = float(np.sqrt((stds ** 2).mean())), int((stds > targets.max_std).sum())
     return Quantity(protocol, "stability (max std)", value, f"<= {targets.max_std:.1f}", value <= targets.max_std,
-                    f"{method} {GROUP_NAMES[group]} over {n} seeds; rms {rms:.2f}, {above}/{len(stds)} above")
+                    f"{method} {GROUP_NAMES[group]} over {n} seeds{_class_spread(rows, method, group, final)}; "
+                    f"rms {rms:.2f}, {above}/{len(stds)} above")
+
+
+def _class_spread(rows: pd.DataFrame, method: str, group: str, final: int) -> str:
+    """", class std X": the mean over the group's classes of one class's final-score std over seeds.
+
+    With n classes moving independently the group's std is about X / sqrt(n); X near the group's std says
+    that classes flip together, X far above it that single classes are kept on one seed and lost on
+    another (README, "Calibration")."""
+    sel = rows[(rows["method"] == method) & (rows["step"] == final) & rows["metric"].isin(list(PRIMARY.values()))
+               & rows["value"].notna()]
+    if group == "base":
+        sel = sel[sel["class_step"] == 0]
+    elif group == "novel":
+        sel = sel[sel["class_step"] > 0]
+    per_class = sel.groupby("class_id")["value"].agg(lambda v: v.std(ddof=1) if len(v) > 1 else np.nan).dropna()
+    return f", class std {per_class.mean():.1f} over {len(per_class)} classes" if len(per_class) else ""
 
 
 def _central(protocol: str, sc: pd.DataFrame, final: int, targets: Targets) -> list[Quantity]:

@@ -35,6 +35,8 @@ def test_quantities_match_the_hand_computation(results):
     assert q["stability (max std)"].value == pytest.approx(2.0) and "mib base" in q["stability (max std)"].detail
     # the other 7 of the 9 (method, group) stds are 0: rms sqrt((2^2 + 1^2) / 9), none above 3
     assert f"rms {np.sqrt(5 / 9):.2f}, 0/9 above" in q["stability (max std)"].detail
+    # both of MiB's base classes move by 2 per seed (together): one class's std is 2 as well
+    assert "mib base over 3 seeds, class std 2.0 over 2 classes;" in q["stability (max std)"].detail
     assert q["forgetting margin"].value == pytest.approx(0.5 * 80 - 0) and q["forgetting margin"].met
     assert q["retention margin"].value == pytest.approx(min(42 - 2 * 0, 42 - 0 - 10))
     assert q["joint all"].value == pytest.approx(80) and q["joint all"].met
