@@ -144,7 +144,7 @@ def _stability(protocol: str, sc: pd.DataFrame, rows: pd.DataFrame, final: int, 
 
 
 def _class_spread(rows: pd.DataFrame, method: str, group: str, final: int) -> str:
-    """", class std X": the mean over the group's classes of one class's final-score std over seeds.
+    """The detail's ``class std X``: the mean over the group's classes of one class's final-score std over seeds.
 
     With n classes moving independently the group's std is about X / sqrt(n); X near the group's std says
     that classes flip together, X far above it that single classes are kept on one seed and lost on
