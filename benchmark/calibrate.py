@@ -36,6 +36,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from benchmark.errors import DataError, UserError
+from benchmark.metrics.groups import group_member
 from benchmark.report.summary import JOINT, PRIMARY, SUMMARY_METRIC, ReportOptions, prepare, run_scores
 from benchmark.tasks import task_for_metric
 from benchmark.store import load_results
@@ -151,10 +152,7 @@ def _class_spread(rows: pd.DataFrame, method: str, group: str, final: int) -> st
     another (README, "Calibration")."""
     sel = rows[(rows["method"] == method) & (rows["step"] == final) & rows["metric"].isin(list(PRIMARY.values()))
                & rows["value"].notna()]
-    if group == "base":
-        sel = sel[sel["class_step"] == 0]
-    elif group == "novel":
-        sel = sel[sel["class_step"] > 0]
+    sel = sel[group_member(group, sel["class_step"].to_numpy(), final)]
     per_class = sel.groupby("class_id")["value"].agg(lambda v: v.std(ddof=1) if len(v) > 1 else np.nan).dropna()
     return f", class std {per_class.mean():.1f} over {len(per_class)} classes" if len(per_class) else ""
 
