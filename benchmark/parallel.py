@@ -80,7 +80,7 @@ def dispatch_order(specs: Sequence) -> list:
     producers, rest, seen = [], [], set()
     for spec in specs:
         r = resolve(spec)
-        steps = [r.schedule.for_step(t, joint=r.method.joint).iterations for t in range(r.train_protocol.num_steps)]
+        steps = r.step_iterations
         if not shares_step0(r):
             rest.append((sum(steps), spec))
             continue

@@ -62,8 +62,7 @@ def plan_units(specs: Sequence) -> list[Unit]:
     for spec in specs:
         r = resolve(spec)
         run_dir = spec.run_dir(r.protocol.name)
-        for t in range(r.train_protocol.num_steps):
-            iterations = r.schedule.for_step(t, joint=r.method.joint).iterations
+        for t, iterations in enumerate(r.step_iterations):
             label = f"{spec.method} seed {spec.seed} step {t}"
             if t == 0 and shares_step0(r):
                 key = (str(spec.out), _step0_key(r))

@@ -87,6 +87,12 @@ class Resolved:
     config: dict = field(default_factory=dict)
     eval_options: Any = None      # the task's evaluation options (tasks: Task.eval_options), None if it has none
 
+    @property
+    def step_iterations(self) -> list[int]:
+        """Planned training iterations of each step (the progress bar, dispatch order and tracker all use them)."""
+        return [self.schedule.for_step(t, joint=self.method.joint).iterations
+                for t in range(self.train_protocol.num_steps)]
+
 
 def resolve(spec: RunSpec) -> Resolved:
     from benchmark.data import AugConfig, LoaderConfig
@@ -350,7 +356,7 @@ class StepRunner:
 
     def iteration_offset(self, t: int) -> int:
         """Iterations of the steps before ``t``: the tracker's global x axis."""
-        return sum(self.r.schedule.for_step(k, joint=self.r.method.joint).iterations for k in range(t))
+        return sum(self.r.step_iterations[:t])
 
     def track_step_metrics(self, run_dir: Path, t: int) -> None:
         if self.tracker is not None:
