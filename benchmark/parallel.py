@@ -33,18 +33,11 @@ def _assign_gpus(specs: Sequence, jobs: int) -> list:
     return [replace(s, device=f"cuda:{i % n}") if s.device.startswith("cuda") else s for i, s in enumerate(specs)]
 
 
-def _run_quiet(spec, threads: int | None = None, preemption=None) -> str:
-    """Worker entry (joblib / submitit): one run, its path as a string (picklable).
-
-    ``threads`` caps torch's intra-op threads of a CPU run, so that parallel runs share the cores instead
-    of oversubscribing them (each would otherwise start one thread per core).
-    """
+def _run_quiet(spec, preemption=None) -> str:
+    """Worker entry (joblib / submitit): one run, its path as a string (picklable). A CPU run uses one torch
+    thread (runner.CPU_THREADS), so parallel runs share the cores instead of oversubscribing them."""
     from benchmark.runner import run_one
 
-    if threads is not None and not spec.device.startswith("cuda"):
-        import torch
-
-        torch.set_num_threads(threads)
     return str(run_one(spec, show_progress=False, preemption=preemption))
 
 
@@ -133,14 +126,13 @@ def run_grid(specs: Sequence, jobs: int = 1, launcher: str = "local", slurm: dic
 
     prepare_synthetic(specs)
     specs = _assign_gpus(dispatch_order(specs), jobs)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     out: list[Path] = []
     # The workers' progress is read from the results store (DONE markers, the iteration lines of log.txt).
     with GridProgress(plan_units(specs), desc=f"benchmark ({jobs} runs at a time)",
                       extra=lambda: f"{len(out)}/{len(specs)} runs finished"):
         # return_as="generator_unordered" streams results as runs finish.
         results = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")(
-            delayed(_run_quiet)(s, threads) for s in specs)
+            delayed(_run_quiet)(s) for s in specs)
         for path in results:
             out.append(Path(path))
     return sorted(out)

@@ -249,6 +249,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _check_recorded_config(store, r: Resolved) -> None:
     """Refuse to mix results of different configurations in one run folder."""
     recorded = store.read_run_json()
@@ -523,6 +529,27 @@ def _cost_record(stats) -> dict:
     return {"cost": dict(stats.cost, **({"reused_from": reused} if reused else {}))}
 
 
+# A CPU run computes with one torch thread, however it is launched (alone, in a joblib grid, under submitit):
+# floating-point reductions depend on the thread count, and before this rule the same run gave different
+# numbers alone (torch's default, one thread per core) and in a grid (one per run): MiB synth-10-5 seed 0,
+# step-0 base mIoU 92.86 alone against 93.25 in the grid, final base 4.9 against 2.0 (2026-12-07, AVX-512
+# EPYC). A second thread speeds the tiny model up by about 10 % (benchmark.parallel.default_jobs); --jobs auto
+# puts one run on every core instead.
+CPU_THREADS = 1
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_one(spec: RunSpec, show_progress: bool = True, preemption=None) -> Path:
     """Run (or resume) every step of one (method, protocol, seed); returns the run folder.
 
@@ -538,6 +565,8 @@ def run_one(spec: RunSpec, show_progress: bool = True, preemption=None) -> Path:
     runner = StepRunner(r, show_progress=show_progress, preemption=preemption)
     is_main = runner.dist.is_main
     with contextlib.ExitStack() as stack:
+        if runner.device.type == "cpu":
+            stack.enter_context(_torch_threads(CPU_THREADS))
         if is_main and spec.track != "none":
             from benchmark.tracking import make_tracker
 
@@ -559,7 +588,7 @@ def _run_steps(spec: RunSpec, r: Resolved, run_dir: Path, store, runner: "StepRu
         "protocol_name": r.protocol.name, "protocol_fingerprint": r.protocol.fingerprint,
         "protocol_definition": r.protocol.to_dict(), "trained_protocol": r.train_protocol.name,
         "versions": _versions(), "git_revision": _git_revision(), "device": str(runner.device),
-        "world_size": runner.dist.world_size, "host": socket.gethostname(),
+        "world_size": runner.dist.world_size, "host": socket.gethostname(), "torch_threads": _threads(),
     }
     recorded = store.read_run_json() or {}
     timings = dict(recorded.get("timings", {}))

@@ -241,6 +241,14 @@ def test_joblib_grid_and_submitit_local_executor(tmp_path):
     [d] = submit_grid([spec("joint", tmp_path / "slurm")], executor=executor)
     assert (d / "step_00" / "DONE").is_file()
     pd.testing.assert_frame_equal(metrics(d), metrics(tmp_path / "grid" / PROTOCOL / "joint" / "seed0"))
+    # one torch thread per CPU run however it is launched (runner.CPU_THREADS), and the caller's setting back
+    import torch
+
+    before = torch.get_num_threads()
+    [alone] = run_grid([spec("joint", tmp_path / "alone")])
+    assert torch.get_num_threads() == before
+    for run_dir in [*dirs, d, alone]:
+        assert json.loads((run_dir / "run.json").read_text())["torch_threads"] == 1
 
 
 def _children(pid):
