@@ -10,7 +10,7 @@ class (at step 0: another base class), a new class of the step, or no-object (th
 
 The summary per stored step: how many objects, the mean best-query IoU, how many objects have a query of
 IoU > 0.5, and the counts of the four answers. Measured on MiB (README, calibration section): its masks on
-old objects drift after step 0 (mean IoU 0.89 -> 0.14), which is why its base classes vanish under the
+old objects drift after step 0 (mean IoU 0.93 -> 0.14), which is why its base classes vanish under the
 segment rule while the arg-max over summed soft masks still reads them.
 
 The run is rebuilt from the same arguments as ``run_benchmark.py`` (``--protocol``, ``--method``, ``--seed``,
@@ -47,15 +47,17 @@ class ObjectAnswer:
 
 
 def answers_on_objects(class_probs: torch.Tensor, masks: torch.Tensor, target: np.ndarray,
-                       columns: Sequence[int], num_old: int, classes: Sequence[int]) -> list[ObjectAnswer]:
+                       columns: Sequence[int], num_old: int, classes: Sequence[int],
+                       no_object: torch.Tensor | None = None) -> list[ObjectAnswer]:
     """Per object of ``classes`` present in ``target``: the best query's mask IoU and its answer.
 
-    ``class_probs`` [Q, K]: per query, the probabilities of the K seen columns (no-object = 1 - sum);
+    ``class_probs`` [Q, K]: per query, the probabilities of the K seen columns; ``no_object`` [Q]: the
+    no-object score where the method gives one (ECLIPSE's sigmoid classifier), else ``1 - sum``;
     ``masks`` [Q, H, W]: mask probabilities at the target's size; ``target`` [H, W] native class ids;
     ``columns``: the native id of each column; ``num_old``: columns before the step's new ones.
     """
     probs = class_probs.float()
-    no_object = 1.0 - probs.sum(dim=1)
+    no_object = 1.0 - probs.sum(dim=1) if no_object is None else no_object.float()
     top, label = probs.max(dim=1)
     binary = masks >= MASK_THRESHOLD
     gt_all = torch.as_tensor(np.asarray(target))
@@ -126,12 +128,13 @@ def diagnose_run(spec, steps: Sequence[int] | None = None) -> list[dict]:
                 padded = tuple(-(-s // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for s in size)
                 pixels = torch.nn.functional.pad(sample.pixel_values, (0, padded[1] - size[1], 0, padded[0] - size[0]))
                 outputs = model(pixels[None])
-                probs, _ = (r.method.class_scores or softmax_class_scores)(outputs)
+                probs, no_object = (r.method.class_scores or softmax_class_scores)(outputs)
                 masks = _mask_probs(resize_mask_logits(outputs.mask_logits()[0], size, size, padded),
                                     r.criterion.mask_mode)
                 masks = torch.nn.functional.interpolate(masks[None], size=tuple(sample.orig_size), mode="bilinear",
                                                         align_corners=False)[0]
-                answers += answers_on_objects(probs[0], masks, sample.target, columns, num_old, base)
+                answers += answers_on_objects(probs[0], masks, sample.target, columns, num_old, base,
+                                              None if no_object is None else no_object[0])
         summaries.append(summarise(t, answers))
     if not summaries:
         raise DataError(f"no stored step weights in {run_dir}", hint="the run has not finished a step yet")

@@ -33,6 +33,10 @@ def test_answers_on_constructed_objects():
     for row, answer in (([0.1, 0.0, 0.8], "new"), ([0.1, 0.8, 0.0], "old")):
         probs[0] = torch.tensor(row)
         assert answers_on_objects(probs, masks, target, columns, 2, (1,))[0].answer == answer
+    # a method's own no-object score (ECLIPSE) replaces 1 - sum
+    probs[0] = torch.tensor([0.7, 0.1, 0.1])
+    scores = torch.tensor([0.9, 0.0, 0.0, 0.0])
+    assert answers_on_objects(probs, masks, target, columns, 2, (1,), no_object=scores)[0].answer == "no-object"
     summary = summarise(1, out)
     assert summary == {"step": 1, "objects": 2, "mean best IoU": 0.75, "IoU > 0.5": 1, "right": 1, "old": 0,
                        "new": 0, "no-object": 1}
