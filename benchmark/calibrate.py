@@ -127,9 +127,14 @@ def _plasticity(protocol: str, rows: pd.DataFrame, final: int, targets: Targets)
                     f"worst: step {t}, seed {seed}: fine-tune new {a:.1f} / joint {b:.1f}")
 
 
+def _seed_std(values: pd.Series) -> float:
+    """Sample std over seeds (ddof=1); NaN with one seed."""
+    return values.std(ddof=1) if len(values) > 1 else np.nan
+
+
 def _stability(protocol: str, sc: pd.DataFrame, rows: pd.DataFrame, final: int, targets: Targets) -> Quantity:
     last = sc[(sc["step"] == final) & sc["group"].isin(list(GROUP_NAMES))]
-    stds = last.groupby(["method", "group"])["value"].agg(lambda v: v.std(ddof=1) if len(v) > 1 else np.nan)
+    stds = last.groupby(["method", "group"])["value"].agg(_seed_std)
     stds = stds.dropna()
     if stds.empty:
         return Quantity(protocol, "stability (max std)", np.nan, f"<= {targets.max_std:.1f}", None,
@@ -153,7 +158,7 @@ def _class_spread(rows: pd.DataFrame, method: str, group: str, final: int) -> st
     sel = rows[(rows["method"] == method) & (rows["step"] == final) & rows["metric"].isin(list(PRIMARY.values()))
                & rows["value"].notna()]
     sel = sel[group_member(group, sel["class_step"].to_numpy(), final)]
-    per_class = sel.groupby("class_id")["value"].agg(lambda v: v.std(ddof=1) if len(v) > 1 else np.nan).dropna()
+    per_class = sel.groupby("class_id")["value"].agg(_seed_std).dropna()
     return f", class std {per_class.mean():.1f} over {len(per_class)} classes" if len(per_class) else ""
 
 

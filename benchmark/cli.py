@@ -128,7 +128,7 @@ def specs_from_args(args: argparse.Namespace):
     engine = args.engine or ("tiny" if schedule == "cpu" else "r50")
     overrides = parse_set_options(args.overrides)
     check_sections(overrides, OVERRIDE_SECTIONS)
-    frozen_overrides = tuple(sorted((s, tuple(sorted(kv.items()))) for s, kv in overrides.items()))
+    frozen_overrides = RunSpec.freeze_overrides(overrides)
     specs = [
         RunSpec(method=m, protocol=p, seed=s, engine=engine, schedule=schedule,
                 data_root=args.data_root or _default_data_root(), device=device, out=args.out,

@@ -10,8 +10,9 @@ class (at step 0: another base class), a new class of the step, or no-object (th
 
 The summary per stored step: how many objects, the mean best-query IoU, how many objects have a query of
 IoU > 0.5, and the counts of the four answers. Measured on MiB (README, calibration section): its masks on
-old objects drift after step 0 (mean IoU 0.93 -> 0.05, fine-tuning's level; PLOP 0.71, CoMFormer 0.89), which is why its base classes vanish under the
-segment rule while the arg-max over summed soft masks still reads them.
+old objects drift after step 0 (mean IoU 0.93 -> 0.05, fine-tuning's level; PLOP 0.71, CoMFormer 0.89 after
+step 1), which is why its base classes vanish under the segment rule while the arg-max over summed soft masks
+still reads them.
 
 The run is rebuilt from the same arguments as ``run_benchmark.py`` (``--protocol``, ``--method``, ``--seed``,
 ``--set``), and its recorded configuration must match them (the runner's own check), so the weights are read
@@ -91,8 +92,7 @@ def summarise(step: int, answers: Sequence[ObjectAnswer]) -> dict:
 def diagnose_run(spec, steps: Sequence[int] | None = None) -> list[dict]:
     """One summary per stored step of ``spec``'s run (``steps``: only these)."""
     from benchmark.data import EvalView, eval_loader
-    from benchmark.data.loader import SIZE_DIVISIBILITY
-    from benchmark.engine.evaluate import softmax_class_scores
+    from benchmark.engine.evaluate import pad_for_inference, softmax_class_scores
     from benchmark.engine.inference import _mask_probs, resize_mask_logits
     from benchmark.runner import StepRunner, _check_recorded_config, resolve
     from benchmark.store import RunStore
@@ -124,9 +124,7 @@ def diagnose_run(spec, steps: Sequence[int] | None = None) -> list[dict]:
         answers = []
         with torch.inference_mode():
             for sample in eval_loader(EvalView(runner.val_ds, eval_size), workers=0):
-                size = tuple(sample.pixel_values.shape[-2:])
-                padded = tuple(-(-s // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for s in size)
-                pixels = torch.nn.functional.pad(sample.pixel_values, (0, padded[1] - size[1], 0, padded[0] - size[0]))
+                pixels, size, padded = pad_for_inference(sample.pixel_values)
                 outputs = model(pixels[None])
                 probs, no_object = (r.method.class_scores or softmax_class_scores)(outputs)
                 masks = _mask_probs(resize_mask_logits(outputs.mask_logits()[0], size, size, padded),
@@ -158,10 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the --set options the run was made with")
     args = parser.parse_args(argv)
     try:
-        overrides = parse_set_options(args.set)
         spec = RunSpec(method=args.method, protocol=args.protocol, seed=args.seed, engine=args.engine,
                        schedule=args.schedule, data_root=args.data_root, out=str(Path(args.results)),
-                       overrides=tuple(sorted((k, tuple(sorted(kv.items()))) for k, kv in overrides.items())))
+                       overrides=RunSpec.freeze_overrides(parse_set_options(args.set)))
         rows = diagnose_run(spec, args.step)
     except UserError as err:
         return err.report()

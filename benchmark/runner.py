@@ -58,6 +58,11 @@ class RunSpec:
     def override_dict(self) -> dict[str, dict[str, str]]:
         return {section: dict(kv) for section, kv in self.overrides}
 
+    @staticmethod
+    def freeze_overrides(overrides: dict[str, dict[str, str]]) -> tuple:
+        """``parse_set_options``' dict as the hashable, order-independent ``overrides`` field."""
+        return tuple(sorted((section, tuple(sorted(kv.items()))) for section, kv in overrides.items()))
+
     def run_dir(self, protocol_name: str | None = None) -> Path:
         return Path(self.out) / (protocol_name or self.protocol) / self.method / f"seed{self.seed}"
 

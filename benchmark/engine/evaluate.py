@@ -40,6 +40,15 @@ def softmax_class_scores(outputs: ModelOutputs) -> tuple[torch.Tensor, None]:
 __all__ = ["EvalResult", "SemanticInference", "TASKS", "UNASSIGNED_ID", "evaluate"]
 
 
+def pad_for_inference(pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """(padded pixels, input size, padded size): zero-padded (the mean colour) to a multiple of 32 as
+    Mask2Former's ImageList.from_tensors (maskformer_model.py L195); the inference crops the padding off again."""
+    input_size = tuple(pixel_values.shape[-2:])
+    padded_size = tuple(-(-s // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for s in input_size)
+    pad = (0, padded_size[1] - input_size[1], 0, padded_size[0] - input_size[0])
+    return torch.nn.functional.pad(pixel_values, pad), input_size, padded_size
+
+
 def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int, device: torch.device | str,
              task: str, *, top_k: int = 100, score_threshold: float = 0.0, mask_mode: str = "sigmoid",
              semantic: SemanticInference | None = None, options=None, progress: bool = True,
@@ -72,12 +81,7 @@ def evaluate(model: nn.Module, loader: Iterable[EvalSample], protocol, step: int
     try:
         with torch.inference_mode():
             for sample in _progress(_shard(loader, rank, world), progress and rank == 0):
-                # Zero-padded (the mean colour) to a multiple of 32 as Mask2Former's ImageList.from_tensors
-                # (maskformer_model.py L195); the inference crops the padding off again.
-                input_size = tuple(sample.pixel_values.shape[-2:])
-                padded_size = tuple(-(-s // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY for s in input_size)
-                pixels = torch.nn.functional.pad(sample.pixel_values, (0, padded_size[1] - input_size[1],
-                                                                       0, padded_size[0] - input_size[0]))
+                pixels, input_size, padded_size = pad_for_inference(sample.pixel_values)
                 outputs = net(pixels[None].to(device, non_blocking=True))
                 if outputs.num_columns != num_seen:
                     raise ValueError(f"the model predicts {outputs.num_columns} class columns but step {step} of "
