@@ -63,20 +63,17 @@ def dispatch_order(specs: Sequence) -> list:
     classes: runner.shares_step0) reuse it from a cache, trained once under a file lock. Dispatched in the
     CLI's order, a second worker would start, say, MiB and wait while fine-tune trains that step 0. So: the
     first run of each shared step 0 goes first, then every other run (own step 0 or a reused one). Within
-    each of the two groups, runs go by their planned training time, longest first (``Resolved.step_costs``:
-    iterations, an increment's weighted by the method's ``increment_cost``; a reused step 0 does not count;
-    ties keep the CLI's order): the short runs dispatched last fill the gaps at the end. Measured on the
+    each of the two groups, runs go by their planned training iterations, most first (a reused step 0 does not
+    count; ties keep the CLI's order): the short runs dispatched last fill the gaps at the end. Measured on the
     panoptic default (2 workers, 2026-12-06): the CLI's producer order (fine-tune, ECLIPSE, joint) left one
     worker idle for the last 57 s of a 10 min 37 s run; joint (2000 iterations) first shortens the tail.
-    Ordering by iterations alone put the five sharers (2 x 300 iterations each) in the CLI's order, CisDQ
-    (1.7 x fine-tuning's time per iteration) second to last; by time the long ones go first.
     """
     from benchmark.runner import _step0_key, resolve, shares_step0
 
     producers, rest, seen = [], [], set()
     for spec in specs:
         r = resolve(spec)
-        steps = r.step_costs
+        steps = r.step_iterations
         if not shares_step0(r):
             rest.append((sum(steps), spec))
             continue
@@ -86,11 +83,11 @@ def dispatch_order(specs: Sequence) -> list:
         else:
             producers.append((sum(steps), spec))
         seen.add(key)
-    return _longest_first(producers) + _longest_first(rest)
+    return _most_iterations_first(producers) + _most_iterations_first(rest)
 
 
-def _longest_first(group: list) -> list:
-    """The specs of ``(cost, spec)`` pairs, longest first; Python's sort is stable (ties keep order)."""
+def _most_iterations_first(group: list) -> list:
+    """The specs of ``(iterations, spec)`` pairs, most iterations first; Python's sort is stable (ties keep order)."""
     return [spec for _, spec in sorted(group, key=lambda item: -item[0])]
 
 

@@ -98,13 +98,6 @@ class Resolved:
         return [self.schedule.for_step(t, joint=self.method.joint).iterations
                 for t in range(self.train_protocol.num_steps)]
 
-    @property
-    def step_costs(self) -> list[float]:
-        """Each step's planned training time in fine-tuning iterations: a step t >= 1 weighs
-        ``Method.increment_cost`` per iteration (the grid's dispatch order uses it; progress counts iterations)."""
-        factor = 1.0 if self.method.joint else type(self.method).increment_cost
-        return [n if t == 0 else n * factor for t, n in enumerate(self.step_iterations)]
-
 
 def resolve(spec: RunSpec) -> Resolved:
     from benchmark.data import AugConfig, LoaderConfig

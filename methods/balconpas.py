@@ -151,10 +151,6 @@ class BalConpas(Method):
     """BalConpas without replay (the setting that compares with exemplar-free methods); see the module docstring."""
 
     name = "balconpas"
-    # Dispatch-order hint (Method.increment_cost): results/reference/cost.md (synth-10-5, tiny preset, cpu
-    # schedule, 3 seeds, AVX-512 EPYC, 2026-12-06): steps 1 / 2 took 46.9 / 47.9 s against fine-tuning's 33.2
-    # / 33.9 s.
-    increment_cost = 1.4
     needs_old_model = True
     hparams: BalConpasParams
 

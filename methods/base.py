@@ -74,10 +74,6 @@ class Method:
         it once per batch (no grad), handing its outputs to ``loss``.
       * ``joint``: train one step on every class (the upper bound).
       * ``query_groups``: one query group per step (CisDQ) instead of one growing head.
-      * ``increment_cost``: the time of one training iteration of a step t >= 1 relative to fine-tuning's
-        (the old model's forward, extra losses, more queries). Used only to order a grid's runs
-        (benchmark.parallel.dispatch_order), so a wrong value costs idle workers, never a different result;
-        each subclass cites the measurement its value comes from.
     """
 
     name: str = "base"
@@ -86,7 +82,6 @@ class Method:
     needs_old_model: bool = False
     joint: bool = False
     query_groups: bool = False
-    increment_cost: float = 1.0
     hparams: HParams
 
     def __init__(self, hparams: HParams | None = None):

@@ -253,10 +253,6 @@ class CisDQ(Method):
     """CisDQ on the shared engine (see the module docstring for the behaviour and its sources)."""
 
     name = "cisdq"
-    # Dispatch-order hint (Method.increment_cost): results/reference/cost.md (synth-10-5, tiny preset, cpu
-    # schedule, 3 seeds, AVX-512 EPYC, 2026-12-06): steps 1 / 2 took 55.9 / 57.5 s against fine-tuning's 33.2
-    # / 33.9 s (more per step as groups are added: 76.8 s at step 5 of synth-10-2).
-    increment_cost = 1.7
     # Step 0 is the engine's set loss on group 0 alone (test_step0_loss_is_group0_set_loss_only): the
     # standard step on CisDQ's own layout. It is reused from the cache when a run with the same layout
     # trained it (e.g. the tiny preset's 10 queries = one per class of synth-10-x's base step).

@@ -142,10 +142,6 @@ class CoMFormer(Method):
     """CoMFormer (see the module docstring): mask pseudo-labels + re-weighted unbiased KD (x10)."""
 
     name = "comformer"
-    # Dispatch-order hint (Method.increment_cost): results/reference/cost.md (synth-10-5, tiny preset, cpu
-    # schedule, 3 seeds, AVX-512 EPYC, 2026-12-06): steps 1 / 2 took 51.3 / 53.1 s against fine-tuning's 33.2
-    # / 33.9 s.
-    increment_cost = 1.55
     needs_old_model = True
     hparams: CoMFormerParams
 

@@ -184,10 +184,6 @@ class ECLIPSE(Method):
     """ECLIPSE on the shared engine (see the module docstring for the behaviour and its sources)."""
 
     name = "eclipse"
-    # Dispatch-order hint (Method.increment_cost): results/reference/cost.md (synth-10-5, tiny preset, cpu
-    # schedule, 3 seeds, AVX-512 EPYC, 2026-12-06): steps 1 / 2 took 16.1 / 16.7 s against fine-tuning's 33.2
-    # / 33.9 s (prompts only).
-    increment_cost = 0.5
     shares_standard_step0 = False
     own_step0_recipe = "eclipse"
     needs_old_model = False

@@ -161,10 +161,6 @@ class MiB(Method):
     """MiB (see the module docstring): UCE on every layer + UKD (final layer, x200) + MiB initialisation."""
 
     name = "mib"
-    # Dispatch-order hint (Method.increment_cost): results/reference/cost.md (synth-10-5, tiny preset, cpu
-    # schedule, 3 seeds, AVX-512 EPYC, 2026-12-06): steps 1 / 2 took 37.7 / 40.2 s against fine-tuning's 33.2
-    # / 33.9 s.
-    increment_cost = 1.15
     needs_old_model = True
     hparams: MiBParams
 

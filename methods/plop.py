@@ -320,10 +320,6 @@ class PLOP(Method):
     """PLOP (see the module docstring): local POD + entropy (or mask) pseudo-labels, MiB initialisation."""
 
     name = "plop"
-    # Dispatch-order hint (Method.increment_cost): results/reference/cost.md (synth-10-5, tiny preset, cpu
-    # schedule, 3 seeds, AVX-512 EPYC, 2026-12-06): steps 1 / 2 took 44.1 / 52.6 s against fine-tuning's 33.2
-    # / 33.9 s.
-    increment_cost = 1.45
     needs_old_model = True
     hparams: PLOPParams
 

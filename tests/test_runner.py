@@ -325,21 +325,20 @@ def test_parallel_dispatch_puts_shared_step0_producers_first(tmp_path):
     names = ["finetune", "mib", "plop", "comformer", "cisdq", "joint"]
     order = [s.method for s in dispatch_order([spec(m, tmp_path) for m in names])]
     # fine-tune trains the shared step 0 while the second worker trains joint; the rest reuse that step 0
-    # (CisDQ too: with the tiny preset's 10 queries its group 0 is the same model), the slowest first
-    assert order == ["finetune", "joint", "cisdq", "comformer", "plop", "mib"]
+    # (CisDQ too: with the tiny preset's 10 queries its group 0 is the same model)
+    assert order == ["finetune", "joint", "mib", "plop", "comformer", "cisdq"]
     wider = spec("cisdq", tmp_path, extra=["--set", "method.queries_per_class=2"])
-    # two producers: CisDQ's own layout, its increments slower than fine-tuning's, goes first
     assert [s.method for s in dispatch_order([spec("finetune", tmp_path), spec("mib", tmp_path), wider])] == \
-        ["cisdq", "finetune", "mib"]
+        ["finetune", "cisdq", "mib"]
     other_seed = RunSpec(method="mib", protocol=PROTOCOL, seed=1, device="cpu", out=str(tmp_path))
     # another seed's step 0: MiB trains it (a producer too), and its 1800 cpu-schedule iterations go first
     assert [s.method for s in dispatch_order([spec("finetune", tmp_path), other_seed])] == ["mib", "finetune"]
     # the cpu schedule: joint's 2000 iterations first, then the 1200 + 2 x 300 of the step-0 producers;
-    # the sharers (2 x 300, their step 0 reused) last, the slowest per iteration first (Method.increment_cost)
+    # the sharers (2 x 300, their step 0 reused) last, in the CLI's order
     every = ["finetune", "mib", "plop", "comformer", "cisdq", "eclipse", "balconpas", "joint"]
     default = [RunSpec(method=m, protocol=PROTOCOL, seed=0, device="cpu", out=str(tmp_path)) for m in every]
     assert [s.method for s in dispatch_order(default)] == \
-        ["joint", "finetune", "eclipse", "cisdq", "comformer", "plop", "balconpas", "mib"]
+        ["joint", "finetune", "eclipse", "mib", "plop", "comformer", "cisdq", "balconpas"]
 
 
 def test_default_jobs_one_per_core_and_one_under_torchrun(tmp_path, monkeypatch):
