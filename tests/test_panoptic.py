@@ -193,8 +193,7 @@ TINY = {
 
 def test_stored_predictions_rescore_to_metrics_csv(tmp_path):
     args = [f"{section}.{k}={v}" for section, kv in TINY.items() for k, v in kv.items()]
-    ov = parse_set_options(args)
-    frozen = tuple(sorted((s, tuple(sorted(kv.items()))) for s, kv in ov.items()))
+    frozen = RunSpec.freeze_overrides(parse_set_options(args))
     run_dir = run_one(RunSpec(method="finetune", protocol="synth-pan-10-5", out=str(tmp_path), overrides=frozen),
                       show_progress=False)
     run = json.loads((run_dir / "run.json").read_text())

@@ -42,8 +42,7 @@ def tiny_args(extra=()):
 
 
 def spec(method, out, extra=(), **kw):
-    ov = parse_set_options(tiny_args(extra)[1::2])
-    frozen = tuple(sorted((s, tuple(sorted(kv.items()))) for s, kv in ov.items()))
+    frozen = RunSpec.freeze_overrides(parse_set_options(tiny_args(extra)[1::2]))
     return RunSpec(method=method, protocol=PROTOCOL, seed=0, device="cpu", out=str(out), overrides=frozen, **kw)
 
 
