@@ -1,12 +1,15 @@
-"""How a semantic run's queries answer on the base-class objects, step by step (``python -m benchmark.diagnose``).
+"""How a run's queries answer on the base-class objects, step by step (``python -m benchmark.diagnose``).
 
-Why a method keeps or loses its base classes under the segment rule (README, Conventions) is a question about
-its queries: the rule keeps a pixel only where a query's own mask is >= 0.5 and its most likely answer is a
-class. For every base class present in a validation image (its pixels taken together as one object: a
-synthetic image holds few things), this finds the query whose binarised mask (probability >= 0.5) overlaps it
-with the highest IoU, and records that IoU and the query's most likely answer: the right class, another old
-class (at step 0: another base class), a new class of the step, or no-object (the no-object probability
-``1 - sum`` of the class probabilities, as the segment rule reads it).
+Why a method keeps or loses its base classes is a question about its queries: the semantic segment rule
+(README, Conventions) keeps a pixel only where a query's own mask is >= 0.5 and its most likely answer is a
+class, and panoptic inference and PQ need a query whose mask matches a segment. For every ground-truth object
+of a base class in the validation images, this finds the query whose binarised mask (probability >= 0.5)
+overlaps it with the highest IoU, and records that IoU and the query's most likely answer: the right class,
+another old class (at step 0: another base class), a new class of the step, or no-object (the no-object
+probability ``1 - sum`` of the class probabilities, or the method's own no-object score). What an object is
+belongs to the task (``Task.gt_objects``): semantic, a class's pixels in one image taken together (a label map
+does not separate instances; a synthetic image holds few things); instance, each annotated instance;
+panoptic, each non-crowd segment (a thing instance or a stuff class's region).
 
 The summary per stored step: how many objects, the mean best-query IoU, how many objects have a query of
 IoU > 0.5, and the counts of the four answers. Measured on MiB (README, calibration section): its masks on
@@ -47,25 +50,26 @@ class ObjectAnswer:
     answer: str               # one of ANSWERS
 
 
-def answers_on_objects(class_probs: torch.Tensor, masks: torch.Tensor, target: np.ndarray,
-                       columns: Sequence[int], num_old: int, classes: Sequence[int],
-                       no_object: torch.Tensor | None = None) -> list[ObjectAnswer]:
-    """Per object of ``classes`` present in ``target``: the best query's mask IoU and its answer.
+def answers_on_objects(class_probs: torch.Tensor, masks: torch.Tensor,
+                       objects: Sequence[tuple[int, np.ndarray]], columns: Sequence[int], num_old: int,
+                       classes: Sequence[int], no_object: torch.Tensor | None = None) -> list[ObjectAnswer]:
+    """Per object of ``classes`` among ``objects``: the best query's mask IoU and its answer.
 
     ``class_probs`` [Q, K]: per query, the probabilities of the K seen columns; ``no_object`` [Q]: the
     no-object score where the method gives one (ECLIPSE's sigmoid classifier), else ``1 - sum``;
-    ``masks`` [Q, H, W]: mask probabilities at the target's size; ``target`` [H, W] native class ids;
-    ``columns``: the native id of each column; ``num_old``: columns before the step's new ones.
+    ``masks`` [Q, H, W]: mask probabilities at the target's size; ``objects``: ``[(native class id, [H, W]
+    bool mask)]`` (``Task.gt_objects``); ``columns``: the native id of each column; ``num_old``: columns
+    before the step's new ones.
     """
     probs = class_probs.float()
     no_object = 1.0 - probs.sum(dim=1) if no_object is None else no_object.float()
     top, label = probs.max(dim=1)
     binary = masks >= MASK_THRESHOLD
-    gt_all = torch.as_tensor(np.asarray(target))
+    wanted = set(classes)
     out = []
-    for class_id in classes:
-        gt = gt_all == class_id
-        if not gt.any():
+    for class_id, mask in objects:
+        gt = torch.as_tensor(np.asarray(mask, bool))
+        if class_id not in wanted or not gt.any():
             continue
         inter = (binary & gt).flatten(1).sum(1).float()
         union = (binary | gt).flatten(1).sum(1).float()
@@ -96,11 +100,10 @@ def diagnose_run(spec, steps: Sequence[int] | None = None) -> list[dict]:
     from benchmark.engine.inference import _mask_probs, resize_mask_logits
     from benchmark.runner import StepRunner, _check_recorded_config, resolve
     from benchmark.store import RunStore
+    from benchmark.tasks import get_task
 
     r = resolve(spec)
-    if r.protocol.task != "semantic":
-        raise ConfigError(f"diagnose reads semantic runs; {r.protocol.name} is {r.protocol.task}",
-                          hint="pick a semantic protocol, e.g. --protocol synth-10-5")
+    task = get_task(r.protocol.task)
     run_dir = spec.run_dir(r.protocol.name)
     if not (run_dir / "run.json").is_file():
         raise DataError(f"no run in {run_dir}", hint="check --out, --protocol, --method and --seed")
@@ -131,7 +134,7 @@ def diagnose_run(spec, steps: Sequence[int] | None = None) -> list[dict]:
                                     r.criterion.mask_mode)
                 masks = torch.nn.functional.interpolate(masks[None], size=tuple(sample.orig_size), mode="bilinear",
                                                         align_corners=False)[0]
-                answers += answers_on_objects(probs[0], masks, sample.target, columns, num_old, base,
+                answers += answers_on_objects(probs[0], masks, task.gt_objects(sample.target), columns, num_old, base,
                                               None if no_object is None else no_object[0])
         summaries.append(summarise(t, answers))
     if not summaries:

@@ -103,6 +103,11 @@ class Task(ABC):
         """The ground truth the evaluator receives (EvalSample.target), from the reader's ``load``."""
         return target
 
+    @abstractmethod
+    def gt_objects(self, target) -> list[tuple[int, np.ndarray]]:
+        """``[(native class id, [H, W] bool mask)]``: the objects of an evaluation target (EvalSample.target)
+        as this task counts them; ``python -m benchmark.diagnose`` matches queries to them."""
+
     # ---- evaluation ------------------------------------------------------------------------------
     def resolve_eval_options(self, overrides: Mapping[str, Any]):
         """The task's evaluation options with ``--set eval.*`` applied (None when the task has none)."""

@@ -41,6 +41,10 @@ class InstanceTask(Task):
         image, masks, keep = augment_instance(image, masks, aug, rng)
         return image, masks, labels[keep]
 
+    def gt_objects(self, target):
+        """Every annotated instance (the target is already ``[(class id, mask)]``)."""
+        return [(int(c), np.asarray(mask, bool)) for c, mask in target]
+
     def evaluator(self, protocol, step, device, *, options, mask_mode, top_k, score_threshold):
         return InstanceEvaluator(protocol, step, mask_mode, top_k, score_threshold)
 

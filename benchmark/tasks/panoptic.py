@@ -121,6 +121,10 @@ class PanopticTask(Task):
         image, masks, keep = augment_instance(image, masks, aug, rng)
         return image, masks, labels[keep]
 
+    def gt_objects(self, target: PanopticTarget):
+        """Every non-crowd segment (a thing instance, or a stuff class's region): what PQ matches."""
+        return [(seg.category_id, target.ids == seg.id) for seg in target.segments if not seg.iscrowd]
+
     def evaluator(self, protocol, step, device, *, options, mask_mode, top_k, score_threshold):
         return PanopticEvaluator(protocol, step, options or PanopticInference(), mask_mode)
 

@@ -22,6 +22,7 @@ from benchmark.data.transforms import augment_semantic
 from benchmark.engine.inference import SEMANTIC_MODES, semantic_inference
 from benchmark.errors import ConfigError
 from benchmark.metrics import confusion_matrix, index_lookup, native_to_index, new_confusion, reduce_confusion
+from benchmark.metrics.confusion import VOID
 from benchmark.metrics.per_image import SemanticPerImage
 from benchmark.metrics.rows import semantic_rows
 
@@ -74,6 +75,11 @@ class SemanticTask(Task):
 
     def eval_target(self, target):
         return target.astype(np.int64)
+
+    def gt_objects(self, target):
+        """One object per class present, its pixels taken together (void excluded): a semantic label map
+        does not tell instances apart."""
+        return [(int(c), target == c) for c in np.unique(target) if c != VOID]
 
     def evaluator(self, protocol, step, device, *, options, mask_mode, top_k, score_threshold):
         return SemanticEvaluator(protocol, step, device, options or SemanticInference(), mask_mode)
