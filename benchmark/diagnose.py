@@ -115,6 +115,10 @@ def diagnose_run(spec, steps: Sequence[int] | None = None) -> list[dict]:
     runner = StepRunner(r, show_progress=False)
     proto = r.train_protocol
     base = proto.seen(0)
+    unknown = sorted(set(steps or ()) - set(range(proto.num_steps)))
+    if unknown:
+        raise ConfigError(f"--step {' '.join(map(str, unknown))}: {proto.name} has steps 0-{proto.num_steps - 1}",
+                          hint="leave --step out to read every stored step")
     summaries = []
     for t in range(proto.num_steps) if steps is None else steps:
         weights = run_dir / f"step_{t:02d}" / "weights.pt"

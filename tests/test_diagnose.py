@@ -65,6 +65,8 @@ def test_diagnose_reads_a_stored_run(tmp_path, capsys):
     assert "Traceback" not in err and "different configuration" in err and "made with" in err
     assert main([str(tmp_path), "--method", "plop", "--set", *sets]) != 0
     assert "no run in" in capsys.readouterr().err
+    assert main([str(tmp_path), "--method", "finetune", "--step", "7", "--set", *sets]) != 0
+    assert "has steps 0-2" in capsys.readouterr().err
 
 
 def test_each_task_names_its_objects():
