@@ -97,7 +97,7 @@ def diagnose_run(spec, steps: Sequence[int] | None = None) -> list[dict]:
     """One summary per stored step of ``spec``'s run (``steps``: only these)."""
     from benchmark.data import EvalView, eval_loader
     from benchmark.engine.evaluate import pad_for_inference, softmax_class_scores
-    from benchmark.engine.inference import _mask_probs, resize_mask_logits
+    from benchmark.engine.inference import mask_probs, resize_mask_logits
     from benchmark.runner import StepRunner, _check_recorded_config, resolve
     from benchmark.store import RunStore
     from benchmark.tasks import get_task
@@ -134,7 +134,7 @@ def diagnose_run(spec, steps: Sequence[int] | None = None) -> list[dict]:
                 pixels, size, padded = pad_for_inference(sample.pixel_values)
                 outputs = model(pixels[None])
                 probs, no_object = (r.method.class_scores or softmax_class_scores)(outputs)
-                masks = _mask_probs(resize_mask_logits(outputs.mask_logits()[0], size, size, padded),
+                masks = mask_probs(resize_mask_logits(outputs.mask_logits()[0], size, size, padded),
                                     r.criterion.mask_mode)
                 masks = torch.nn.functional.interpolate(masks[None], size=tuple(sample.orig_size), mode="bilinear",
                                                         align_corners=False)[0]

@@ -254,12 +254,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _check_recorded_config(store, r: Resolved) -> None:
     """Refuse to mix results of different configurations in one run folder."""
     recorded = store.read_run_json()
@@ -582,6 +576,8 @@ def run_one(spec: RunSpec, show_progress: bool = True, preemption=None) -> Path:
 
 
 def _run_steps(spec: RunSpec, r: Resolved, run_dir: Path, store, runner: "StepRunner") -> Path:
+    import torch
+
     from benchmark.tasks import get_task
 
     is_main = runner.dist.is_main
@@ -593,7 +589,7 @@ def _run_steps(spec: RunSpec, r: Resolved, run_dir: Path, store, runner: "StepRu
         "protocol_name": r.protocol.name, "protocol_fingerprint": r.protocol.fingerprint,
         "protocol_definition": r.protocol.to_dict(), "trained_protocol": r.train_protocol.name,
         "versions": _versions(), "git_revision": _git_revision(), "device": str(runner.device),
-        "world_size": runner.dist.world_size, "host": socket.gethostname(), "torch_threads": _threads(),
+        "world_size": runner.dist.world_size, "host": socket.gethostname(), "torch_threads": torch.get_num_threads(),
     }
     recorded = store.read_run_json() or {}
     timings = dict(recorded.get("timings", {}))

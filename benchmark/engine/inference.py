@@ -63,7 +63,9 @@ def resize_mask_logits(mask_logits: Tensor, input_size: Size, out_size: Size,
     return x[0]
 
 
-def _mask_probs(logits: Tensor, mask_mode: str) -> Tensor:
+def mask_probs(logits: Tensor, mask_mode: str) -> Tensor:
+    """Mask probabilities of [Q, ...] mask logits: per-query sigmoid (Mask2Former) or a softmax over the
+    queries (CoMFormer's "MxF" criterion, ``loss.mask_mode=softmax``)."""
     if mask_mode == "sigmoid":
         return logits.sigmoid()
     if mask_mode == "softmax":
@@ -102,7 +104,7 @@ def segment_semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_s
     scores, labels = probs.max(dim=1)
     no_object = 1.0 - probs.sum(dim=1) if no_object is None else no_object.float()
     keep = (scores >= no_object) & (scores > object_threshold)
-    masks = _mask_probs(resize_mask_logits(mask_logits, input_size, input_size, padded_size), mask_mode)[keep]
+    masks = mask_probs(resize_mask_logits(mask_logits, input_size, input_size, padded_size), mask_mode)[keep]
     scores, labels = scores[keep], labels[keep]
     height, width = masks.shape[-2:] if masks.numel() else tuple(input_size)
     semseg = torch.zeros(height, width, dtype=torch.int64, device=mask_logits.device)   # 0 = unassigned
@@ -132,7 +134,7 @@ def sum_semantic_inference(class_probs: Tensor, mask_logits: Tensor, input_size:
     Mask2Former's semantic configs do.
     """
     _check(class_probs, mask_logits)
-    masks = _mask_probs(resize_mask_logits(mask_logits, input_size, input_size, padded_size), mask_mode)
+    masks = mask_probs(resize_mask_logits(mask_logits, input_size, input_size, padded_size), mask_mode)
     scores = torch.einsum("qk,qhw->khw", class_probs.float(), masks)
     if tuple(out_size) != tuple(input_size):
         scores = F.interpolate(scores[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
@@ -158,7 +160,7 @@ def instance_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Siz
     columns = flat % num_columns
     if mask_mode == "softmax":
         # Probabilities depend on every query at the pixel: resize all of them.
-        probs = _mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)[queries]
+        probs = mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)[queries]
         binary = probs > 0.5
     else:
         # Only the selected queries' masks are resized (each once); interpolation is per query, so this
@@ -225,7 +227,7 @@ def panoptic_inference(class_probs: Tensor, mask_logits: Tensor, input_size: Siz
     scores, labels = probs.max(dim=1)
     no_object = 1.0 - probs.sum(dim=1) if no_object is None else no_object.float()
     keep = (scores >= no_object) & (scores > object_mask_threshold)
-    masks = _mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)[keep]
+    masks = mask_probs(resize_mask_logits(mask_logits, input_size, out_size, padded_size), mask_mode)[keep]
     scores, labels = scores[keep], labels[keep]
     things = set(int(c) for c in torch.as_tensor(thing_columns).flatten().tolist())
     height, width = tuple(out_size)
