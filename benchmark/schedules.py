@@ -86,6 +86,10 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-pap
 #   * no warm-up in the increments: 50 iterations from 0.001 x lr (``--set increment.warmup_iters=50
 #     increment.warmup_factor=0.001``, one shared step 0, seeds 0-2, 2026-12-06) gave CoMFormer 75.2 +- 2.4 / 30.7 +- 3.8
 #     (novel 8.6 points lower) and PLOP 74.9 +- 3.5 / 48.8 +- 4.9: the spread moved between columns.
+#   * 300 iterations per increment is the time target's choice, not convergence: 600 (batch 8; synth-10-5, seeds
+#     0-2, 2026-12-07) raised the distilling methods' novel mIoU by 15-34 points and cut the final stds above 3
+#     from 12 to 7 of 18 (1200: CoMFormer 85.8 +- 1.0 / 86.1 +- 3.5), but the default run would take ~13.5 min;
+#     600 at batch 4 (same cost as 300 at batch 8) did not help (README, calibration section).
 # One iteration takes ~0.08 s on one core (AMD EPYC, 1 thread), and the default run places one run per core
 # (benchmark.parallel.default_jobs).
 _CPU = StepSchedule(iterations=1200, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)
