@@ -74,7 +74,7 @@ def test_run_writes_exactly_the_json_keys_and_a_markdown_table(tiny_settings, tm
     assert json.loads(path.read_text()) == data
     table = markdown(result)
     assert "| engine step / transformers step" in table and "cisdq step / finetune step" in table
-    assert "1 torch thread(s)" in table and "batch 2, crop 32, 64 loss points" in table
+    assert "1 torch thread(s), freed CPU memory retained" in table and "batch 2, crop 32, 64 loss points" in table
     assert "rounds (min - max)" in table and "Machine load" in table
     assert len(result.devices[0].round_ratios["plop"]) == tiny_settings.repeats
     assert "| bootstrap: 100 images x 10 classes x 50 resamples" in table and len(result.bootstrap.rounds) == 5
@@ -145,6 +145,10 @@ def test_interleaving_rotates_order_and_pairs_rounds():
 
 
 def test_settings_round_trip_and_refusals(tiny_settings, capsys):
+    from benchmark.perf.__main__ import build_parser, settings_from_args
+
+    assert settings_from_args(build_parser().parse_args([])).heap_retention
+    assert not settings_from_args(build_parser().parse_args(["--no-heap-retention"])).heap_retention
     assert PerfSettings.from_dict(json.loads(json.dumps(tiny_settings.to_dict()))) == tiny_settings
     merged = dict(PerfSettings(step0_iterations=7, workers=1).run_overrides())
     assert dict(merged["step0"]) == {"iterations": "7"} and dict(merged["data"]) == {"workers": "1"}

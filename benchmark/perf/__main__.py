@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="extend", nargs="+", dest="overrides", metavar="KEY=VALUE", default=[],
                    help="run configuration override as in run_benchmark.py, e.g. model.train_num_points=2048")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-heap-retention", action="store_true",
+                   help="leave glibc's malloc at its defaults (freed memory goes back to the kernel) instead of "
+                        "retaining it as the benchmark's CPU runs do; compare the two runs' step times")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also write torch.profiler and cProfile tables of every training-step case to DIR")
     p.add_argument("--work-dir", default=None, metavar="DIR",
@@ -64,7 +67,8 @@ def settings_from_args(args: argparse.Namespace):
     overrides = tuple((section, tuple(pairs.items())) for section, pairs in parse_set_options(args.overrides).items())
     settings = PerfSettings(protocol=args.protocol, engine=args.engine, schedule=args.schedule, devices=devices,
                             threads=args.threads, workers=args.workers, overrides=overrides,
-                            memory=not args.no_memory, profile_dir=args.profile)
+                            memory=not args.no_memory, profile_dir=args.profile,
+                            heap_retention=not args.no_heap_retention)
     if args.quick:
         settings = quick(settings)
     if args.repeats is not None:

@@ -114,8 +114,9 @@ def markdown(result: PerfResult) -> str:
     if env.get("load_start") is not None:
         load = (f" Machine load (1-min average) {env['load_start']} at the start, {env.get('load_end')} at the end, "
                 f"on {env['cores']} cores.")
-    header = (f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} torch thread(s); "
-              f"devices: {devices}.{load}  \n"
+    heap = "freed CPU memory retained" if env.get("heap_retention", True) else "glibc's default malloc"
+    header = (f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} torch thread(s), "
+              f"{heap}; devices: {devices}.{load}  \n"
               f"Protocol {env['protocol']}, engine {env['engine']}, schedule {env['schedule']} (batch "
               f"{env['batch_size']}, crop {env['crop_size']}, {env['loss_points']} loss points), loader workers "
               f"{env['workers']}; median of {env['repeats']} interleaved rounds after {env['warmup']} warm-up.")

@@ -51,6 +51,9 @@ class PerfSettings:
     threads: torch intra-op threads, set once for the whole run and in every memory subprocess.
     memory: measure each case's peak memory in its own subprocess (CPU: peak RSS; CUDA: peak allocated).
     memory_iterations: trainer iterations (or confusion passes, loader batches) in a memory subprocess.
+    heap_retention: keep freed CPU memory in the process (:mod:`benchmark.engine.host_memory`), as every
+        CPU run of the benchmark does; ``--no-heap-retention`` measures glibc's default instead (the
+        difference is that module's measured effect).
     profile_dir: write a torch.profiler and a cProfile table per training-step case there (None: no profiling).
     bootstrap_images / bootstrap_classes / bootstrap_resamples: the report's bootstrap case
         (:mod:`benchmark.perf.bootstrap`; ADE20K size: 2000 x 150 x 1000), timed once, on the CPU.
@@ -75,6 +78,7 @@ class PerfSettings:
     threads: int = field(default_factory=available_cores)
     memory: bool = True
     memory_iterations: int = 3
+    heap_retention: bool = True
     profile_dir: str | None = None
     bootstrap_images: int = 2000
     bootstrap_classes: int = 150

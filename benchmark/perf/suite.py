@@ -175,7 +175,17 @@ def environment(settings: PerfSettings) -> dict[str, object]:
         "protocol": r.protocol.name, "engine": r.preset.name, "schedule": r.schedule.name,
         "batch_size": sched.batch_size, "crop_size": sched.crop_size, "loss_points": r.criterion.num_points,
         "workers": r.loader.workers, "repeats": settings.repeats, "warmup": settings.warmup,
+        "heap_retention": settings.heap_retention,
     }
+
+
+def apply_heap_setting(settings: PerfSettings) -> None:
+    """Retain freed CPU memory as the benchmark's CPU runs do (``runner.run_one``), unless the settings ask
+    for glibc's default; process-wide and one-way, so the memory subprocesses apply it for themselves."""
+    from benchmark.engine.host_memory import retain_freed_memory
+
+    if settings.heap_retention:
+        retain_freed_memory()
 
 
 def default_work_dir() -> Path:
@@ -194,6 +204,7 @@ def run_perf(settings: PerfSettings, work_dir: Path | None = None) -> PerfResult
 
     for device in settings.devices:
         resolve_device(device)   # "cuda" without a GPU: EnvironmentProblem before any work
+    apply_heap_setting(settings)
     # The thread count is process-wide state: restored afterwards so that a caller (a test, a notebook)
     # does not train with the perf run's count and get other numbers than the same run on the command line.
     threads = torch.get_num_threads()
