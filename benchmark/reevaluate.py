@@ -10,8 +10,9 @@ run under RESULTS (optionally only some protocols, methods and seeds), rebuilds 
 trained with (``--engine``, ``--schedule``, ``--set``, as for ``run_benchmark.py``; checked against its
 ``run.json``), evaluates each stored step with the new evaluation settings and writes a complete run folder
 under NEW: the task's artefacts and metrics, the weights, and a ``run.json`` whose configuration holds the
-new evaluation settings and whose ``reevaluated_from`` names the source folder. ``run_benchmark.py report
-NEW`` and ``python -m benchmark.calibrate NEW`` then read it as any results folder.
+new evaluation settings, whose ``reevaluated_from`` names the source folder and whose ``reevaluated_with``
+the code that evaluated (the source's ``git_revision`` and ``versions`` stay: they trained the weights).
+``run_benchmark.py report NEW`` and ``python -m benchmark.calibrate NEW`` then read it as any results folder.
 
 Only evaluation settings may change (``--eval-set`` keys ``eval.*`` and ``synth.val_images``): anything else
 would describe weights these are not. The synthetic generator draws each image from (dataset seed, split,
@@ -107,7 +108,7 @@ def differing_keys(recorded: dict, config: dict) -> list[str]:
 def reevaluate_run(source: SourceRun, spec, *, show_progress: bool = False) -> Path:
     """Evaluate every stored step of ``source`` with ``spec`` (the run's options plus the new evaluation
     settings, ``out`` = the new results folder); returns the new run folder."""
-    from benchmark.runner import StepRunner, _check_recorded_config, resolve
+    from benchmark.runner import StepRunner, _check_recorded_config, _git_revision, _versions, resolve
     from benchmark.store import RunStore
     from benchmark.tasks import get_task
 
@@ -131,7 +132,8 @@ def reevaluate_run(source: SourceRun, spec, *, show_progress: bool = False) -> P
     runner = StepRunner(r, show_progress=show_progress)
     task = get_task(r.protocol.task)
     header = {k: v for k, v in source.record.items() if k not in ("config",)}
-    header |= {"config": r.config, "reevaluated_from": str(source.run_dir.resolve())}
+    header |= {"config": r.config, "reevaluated_from": str(source.run_dir.resolve()),
+               "reevaluated_with": {"git_revision": _git_revision(), "versions": _versions()}}
     header |= task.run_header(runner.val_ds)
     store.write_run_json(header)
     for t in steps:

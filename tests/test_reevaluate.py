@@ -36,6 +36,7 @@ def test_reevaluation_reproduces_then_extends_a_run(tmp_path, capsys, monkeypatc
     record = new.read_run_json()
     assert record["config"]["synth"]["val_images"] == 12 and record["config"]["eval"]["mode"] == "sum"
     assert record["reevaluated_from"] == str(source.resolve())
+    assert set(record["reevaluated_with"]) == {"git_revision", "versions"}
     assert record["config"]["schedule"] == old.read_run_json()["config"]["schedule"]
     for t in (0, 1, 2):
         assert new.is_done(t) and new.weights_path(t).read_bytes() == old.weights_path(t).read_bytes()
