@@ -81,3 +81,26 @@ def test_only_evaluation_settings_may_change(tmp_path, capsys):
                  "--set", *SETS]) == 2
     assert "overwrite the source run" in capsys.readouterr().err
     assert json.loads((run_folder(tmp_path / "trained") / "run.json").read_text())["config"]["eval"]["mode"] == "segments"
+
+
+def test_panoptic_and_instance_runs_reevaluate_exactly(tmp_path):
+    """Every task stores its own artefacts (panoptic: predictions in COCO panoptic format; instance:
+    detections); with unchanged settings the re-evaluation reproduces the stored metrics exactly."""
+    from benchmark.config import parse_set_options
+    from benchmark.runner import RunSpec
+    from tests.test_panoptic import TINY as PAN_TINY
+
+    for protocol, tiny in (("synth-pan-10-5", PAN_TINY), ("synth-inst-10-5", None)):
+        sets = ([f"{section}.{k}={v}" for section, kv in PAN_TINY.items() for k, v in kv.items()] if tiny
+                else SETS)
+        trained = tmp_path / protocol / "trained"
+        source = run_one(RunSpec(method="finetune", protocol=protocol, out=str(trained),
+                                 overrides=RunSpec.freeze_overrides(parse_set_options(sets))), show_progress=False)
+        new = tmp_path / protocol / "new"
+        assert main([str(trained), "--out", str(new), "--eval-set", "synth.val_images=6", "--set", *sets]) == 0
+        copy = new / protocol / "finetune" / "seed0"
+        pd.testing.assert_frame_equal(metrics(copy), metrics(source))
+        record = RunStore(copy).read_run_json()
+        if tiny:      # the ground truth it was scored against: the (re)generated validation set's
+            assert record["val_panoptic_json"] == RunStore(source).read_run_json()["val_panoptic_json"]
+            assert (copy / "step_02" / "panoptic.json").is_file()
