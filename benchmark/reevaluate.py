@@ -131,9 +131,8 @@ def reevaluate_run(source: SourceRun, spec, *, show_progress: bool = False) -> P
     _check_recorded_config(store, r)
     runner = StepRunner(r, show_progress=show_progress)
     task = get_task(r.protocol.task)
-    header = {k: v for k, v in source.record.items() if k not in ("config",)}
-    header |= {"config": r.config, "reevaluated_from": str(source.run_dir.resolve()),
-               "reevaluated_with": {"git_revision": _git_revision(), "versions": _versions()}}
+    header = source.record | {"config": r.config, "reevaluated_from": str(source.run_dir.resolve()),
+                              "reevaluated_with": {"git_revision": _git_revision(), "versions": _versions()}}
     header |= task.run_header(runner.val_ds)
     store.write_run_json(header)
     for t in steps:
@@ -180,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = parse_set_options(args.set)
         for section, values in eval_overrides.items():
             overrides.setdefault(section, {}).update(values)
-        from benchmark.runner import CPU_THREADS, _torch_threads, resolve_device_name, retain_freed_memory
+        from benchmark.engine.host_memory import retain_freed_memory
+        from benchmark.runner import CPU_THREADS, _torch_threads, resolve_device_name
 
         base = RunSpec(method="", protocol="", engine=args.engine, schedule=args.schedule, data_root=args.data_root,
                        device=resolve_device_name(args.device), out=str(Path(args.out)),

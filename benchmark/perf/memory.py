@@ -102,12 +102,10 @@ def _cpu_measure(work: Callable[[], object]) -> MemoryResult:
 
 def measure_in_process(settings: PerfSettings, device: str, case: str, work_dir: Path) -> MemoryResult:
     """Build ``case``, run its workload once, and report the peak (call in a fresh process)."""
-    from benchmark.engine.host_memory import retain_freed_memory
     from benchmark.perf.cases import CaseBuilder, memory_workload
 
     torch.set_num_threads(settings.threads)
-    if settings.heap_retention:      # as the parent run (suite.apply_heap_setting): one-way, per process
-        retain_freed_memory()
+    settings.apply_heap_setting()
     builder = CaseBuilder(settings, device, work_dir)
     work, cleanup = memory_workload(builder, case)
     gc.collect()

@@ -84,6 +84,14 @@ class PerfSettings:
     bootstrap_classes: int = 150
     bootstrap_resamples: int = 1000
 
+    def apply_heap_setting(self) -> None:
+        """Retain freed CPU memory in this process as the benchmark's CPU runs do (``runner.run_one``), unless
+        ``heap_retention`` is off; process-wide and one-way, so every memory subprocess applies it itself."""
+        if self.heap_retention:
+            from benchmark.engine.host_memory import retain_freed_memory
+
+            retain_freed_memory()
+
     def __post_init__(self) -> None:
         problems = []
         if self.repeats < MIN_REPEATS:

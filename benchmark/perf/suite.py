@@ -179,15 +179,6 @@ def environment(settings: PerfSettings) -> dict[str, object]:
     }
 
 
-def apply_heap_setting(settings: PerfSettings) -> None:
-    """Retain freed CPU memory as the benchmark's CPU runs do (``runner.run_one``), unless the settings ask
-    for glibc's default; process-wide and one-way, so the memory subprocesses apply it for themselves."""
-    from benchmark.engine.host_memory import retain_freed_memory
-
-    if settings.heap_retention:
-        retain_freed_memory()
-
-
 def default_work_dir() -> Path:
     """Where the step-0 models are kept between runs: ``<cache root>/perf``."""
     from benchmark.data.cache import cache_root
@@ -204,7 +195,7 @@ def run_perf(settings: PerfSettings, work_dir: Path | None = None) -> PerfResult
 
     for device in settings.devices:
         resolve_device(device)   # "cuda" without a GPU: EnvironmentProblem before any work
-    apply_heap_setting(settings)
+    settings.apply_heap_setting()
     # The thread count is process-wide state: restored afterwards so that a caller (a test, a notebook)
     # does not train with the perf run's count and get other numbers than the same run on the command line.
     threads = torch.get_num_threads()
