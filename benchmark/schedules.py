@@ -77,7 +77,9 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-pap
 #   * increments 300 iterations at the step-0 lr: fine-tune learns each step's classes as well as joint
 #     (ratio 1.00; 100 iterations gave 0.38). A lower increment lr (the papers' 0.5x / 0.1x) kept MiB's base
 #     classes (2e-4: MiB base 28.5 vs 2.8) but stopped fine-tune from learning (plasticity 0.71 at 5e-4, 0.19
-#     at 2e-4), so the lr stays;
+#     at 2e-4), so the lr stays. Longer increments at the lower rates do not escape the trade (2026-12-07, 3 seeds:
+#     5e-4 x 400 it: plasticity 0.81, MiB base 5.1; 3e-4 x 450: 0.62, 8.3; 3e-4 x 300: 0.48, 18.4): MiB's base and
+#     fine-tune's learning both follow lr x iterations (README, calibration section);
 #   * joint 2000 iterations (it learns twice the classes: 1200 gave 75 mIoU, 2000 gives 84).
 #   * the backbone keeps lr x 1.0 in the increments. Mask2Former's 0.1 there (``--set increment.backbone_multiplier=0.1``,
 #     synth-10-5, seeds 0-2, 2026-12-06, AMD EPYC AVX2) narrowed PLOP's base spread only (69.7 +- 5.1, novel
