@@ -31,6 +31,7 @@ def test_quantities_match_the_hand_computation(results):
     # fine-tune new classes: step 1 60 / 80, step 2 70 / 80; the worst is step 1
     assert q["plasticity"].value == pytest.approx(0.75) and q["plasticity"].met is True
     assert "step 1" in q["plasticity"].detail
+    assert "not compared" not in q["plasticity"].detail + q["convergence"].detail     # every seed has a joint run
     # MiB final base 40, 42, 44 -> std 2 (its 'all' (80 + 4s + 80) / 4 has std 1; fine-tune and joint 0)
     assert q["stability (max std)"].value == pytest.approx(2.0) and "mib base" in q["stability (max std)"].detail
     # the other 7 of the 9 (method, group) stds are 0: rms sqrt((2^2 + 1^2) / 9), none above 3
@@ -58,3 +59,14 @@ def test_one_seed_leaves_stability_unmeasured_and_check_gates_on_missed_targets(
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ratios_name_the_seeds_without_a_joint_run(results):
+    """A folder with joint seed 0 only compares seed 0: the detail says that seeds 1 and 2 were not compared."""
+    for s in (1, 2):
+        for f in (results / "toy-2-1" / "joint" / f"seed{s}").glob("*"):
+            f.unlink() if f.is_file() else None
+    q = {x.name: x for x in calibration(load_results(results))}
+    for name in ("convergence", "plasticity"):
+        assert "seed 0" in q[name].detail
+        assert q[name].detail.endswith("(not compared, no joint run of seed 1, 2)")
