@@ -139,7 +139,7 @@ def _unpaired(seeds, compared) -> str:
     left = sorted(set(int(s) for s in seeds) - set(int(s) for s in compared))
     if not left:
         return ""
-    return f" (not compared, no joint run of seed {', '.join(map(str, left))})"
+    return f" (not compared, no joint run of seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))})"
 
 
 def _seed_std(values: pd.Series) -> float:

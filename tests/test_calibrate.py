@@ -69,4 +69,4 @@ def test_ratios_name_the_seeds_without_a_joint_run(results):
     q = {x.name: x for x in calibration(load_results(results))}
     for name in ("convergence", "plasticity"):
         assert "seed 0" in q[name].detail
-        assert q[name].detail.endswith("(not compared, no joint run of seed 1, 2)")
+        assert q[name].detail.endswith("(not compared, no joint run of seeds 1, 2)")
