@@ -93,7 +93,8 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-pap
 #     from 12 to 7 of 18 (1200: CoMFormer 85.8 +- 1.0 / 86.1 +- 3.5), but the default run would take ~13.5 min;
 #     600 at batch 4 (same cost as 300 at batch 8) did not help (README, calibration section). With the grid loss
 #     and 480 validation images as well, the rms of the 24 final stds fell to 2.52 (4.46), but the default run
-#     took 724.6 s against 462.8 s (2026-12-07): the candidate once the CPU path is ~25 % faster.
+#     took 724.6 s against 462.8 s (2026-12-07): the candidate once the CPU path is ~25 % faster. Over 3 seeds it
+#     brings synth-pan-10-5 to a largest std of 5.3 (7.7) but leaves synth-10-2 at 11.2 (13.2; README).
 # One iteration takes ~0.08 s on one core (AMD EPYC, 1 thread), and the default run places one run per core
 # (benchmark.parallel.default_jobs).
 _CPU = StepSchedule(iterations=1200, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)

@@ -24,6 +24,15 @@ def results(tmp_path):
     return tmp_path
 
 
+def empty_runs(results, methods, seeds) -> None:
+    """Remove the files of these methods' runs of these seeds (their folders stay, empty)."""
+    for m in methods:
+        for s in seeds:
+            for f in (results / "toy-2-1" / m / f"seed{s}").glob("*"):
+                if f.is_file():
+                    f.unlink()
+
+
 def test_quantities_match_the_hand_computation(results):
     q = {x.name: x for x in calibration(load_results(results))}
     # step-0 base (80 + 60) / 2 = 70 against joint's 80
@@ -44,10 +53,7 @@ def test_quantities_match_the_hand_computation(results):
 
 
 def test_one_seed_leaves_stability_unmeasured_and_check_gates_on_missed_targets(results, capsys):
-    for s in (1, 2):
-        for m in ("finetune", "mib", "joint"):
-            for f in (results / "toy-2-1" / m / f"seed{s}").glob("*"):
-                f.unlink() if f.is_file() else None
+    empty_runs(results, ("finetune", "mib", "joint"), seeds=(1, 2))
     q = {x.name: x for x in calibration(load_results(results))}
     assert q["stability (max std)"].met is None and math.isnan(q["stability (max std)"].value)
     assert main([str(results)]) == 0
@@ -63,9 +69,7 @@ def test_missing_folder_is_a_clear_error(tmp_path, capsys):
 
 def test_ratios_name_the_seeds_without_a_joint_run(results):
     """A folder with joint seed 0 only compares seed 0: the detail says that seeds 1 and 2 were not compared."""
-    for s in (1, 2):
-        for f in (results / "toy-2-1" / "joint" / f"seed{s}").glob("*"):
-            f.unlink() if f.is_file() else None
+    empty_runs(results, ("joint",), seeds=(1, 2))
     q = {x.name: x for x in calibration(load_results(results))}
     for name in ("convergence", "plasticity"):
         assert "seed 0" in q[name].detail
