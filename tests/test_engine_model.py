@@ -10,6 +10,7 @@ import torch
 from transformers import Mask2FormerForUniversalSegmentation
 
 from benchmark.engine.model import ModelSpec, build_model
+from benchmark.engine.position_cache import CachedSinePositions
 from benchmark.engine.presets import ModelPreset, available_presets, get_preset
 from benchmark.errors import ConfigError
 
@@ -80,6 +81,30 @@ def test_single_group_forward_reproduces_stock_mask2former(training):
     assert torch.equal(out.mask_features, ref.pixel_decoder_last_hidden_state)
     for ours, theirs in zip(out.backbone_features, ref.encoder_hidden_states, strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_position_tables_are_cached_per_shape_and_mode_with_stock_values():
+    model = build_model("tiny", [(10, 5)])
+    tables = model.model.pixel_level_module.decoder.position_embedding
+    assert isinstance(tables, CachedSinePositions)
+    assert isinstance(model.model.transformer_module.position_embedder, CachedSinePositions)
+    shape = torch.Size((2, 64, 8, 8))
+    first = tables(shape, "cpu", torch.float32)
+    assert torch.equal(first, tables.stock(shape, "cpu", torch.float32))
+    assert tables(shape, torch.device("cpu"), torch.float32) is first
+    assert tables(torch.Size((1, 64, 8, 8)), "cpu", torch.float32) is not first
+    # An evaluation's tables are inference tensors: a training step must not be handed them.
+    with torch.inference_mode():
+        assert tables(shape, "cpu", torch.float32).is_inference()
+    assert not tables(shape, "cpu", torch.float32).is_inference()
+    model.eval()
+    with torch.inference_mode():
+        model(_pixels())
+    model.train()
+    model(_pixels()).mask_logits().sum().backward()
+    # No parameters or buffers: checkpoints keep the stock keys.
+    stock = Mask2FormerForUniversalSegmentation(model.preset.mask2former_config(num_queries=10, num_labels=5))
+    assert set(model.model.state_dict()) == set(stock.model.state_dict())
 
 
 def test_forward_shapes_and_no_hooks_left():

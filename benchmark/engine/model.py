@@ -56,6 +56,7 @@ from transformers import Mask2FormerModel
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerMLPPredictionHead
 
 from benchmark.engine.outputs import ModelOutputs
+from benchmark.engine.position_cache import cache_position_embeddings
 from benchmark.engine.presets import ModelPreset, quiet_backbone_warning, get_preset
 from benchmark.errors import ConfigError
 
@@ -122,6 +123,7 @@ class SegModel(nn.Module):
         self.config = preset.mask2former_config(num_queries=groups[0][0])
         with quiet_backbone_warning():
             self.model = Mask2FormerModel(self.config)
+        cache_position_embeddings(self.model)
         if options.classifier == "step_mlp":
             self.no_object_head = self._mlp(1)
         self.class_heads = nn.ModuleList([self._new_head(groups[0][1])])
