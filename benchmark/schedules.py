@@ -96,7 +96,8 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-pap
 #     300 at lr 2e-3, 4.14; 600 x 8: 2.22): the spread falls with the optimiser steps at this rate (README,
 #     calibration section). With the grid loss
 #     and 480 validation images as well, the rms of the 24 final stds fell to 2.52 (4.46), but the default run
-#     took 724.6 s against 462.8 s (2026-12-07): the candidate once the CPU path is ~25 % faster. Over 3 seeds it
+#     took 724.6 s against 462.8 s (2026-12-07): the candidate once the CPU path is ~25 % faster (a
+#     smaller decoder, -20 % per iteration, lost joint's level: 69.6 +- 5.6 all). Over 3 seeds it
 #     brings synth-pan-10-5 to a largest std of 5.3 (7.7) but leaves synth-10-2 at 11.2 (13.2; README).
 # One iteration takes ~0.08 s on one core (AMD EPYC, 1 thread), and the default run places one run per core
 # (benchmark.parallel.default_jobs).

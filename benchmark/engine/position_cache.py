@@ -2,8 +2,8 @@
 
 Why: transformers' ``Mask2FormerSinePositionEmbedding.build_sine_position_embedding`` keeps an
 ``lru_cache(maxsize=1)``, and one forward of the model asks for six shapes (the pixel decoder's three levels,
-then the transformer decoder's three), so every call misses and rebuilds the table: 1.6-3 ms of a ~75 ms
-training iteration of the ``tiny`` preset on one CPU thread (profile of 2026-12-07, README Performance). The
+then the transformer decoder's three), so every call misses and rebuilds the table: 1.1-1.4 ms per forward of a ~75 ms
+training iteration of the ``tiny`` preset on one CPU thread (measured 2026-12-07, README Performance). The
 table depends only on the shape, device and dtype (no mask is ever passed: the pixel decoder's padding masks are
 all false), so caching it changes no value: the stock module computes every entry, bit for bit.
 
