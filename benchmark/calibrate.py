@@ -136,7 +136,7 @@ def _plasticity(protocol: str, rows: pd.DataFrame, final: int, targets: Targets)
 def _unpaired(seeds, compared) -> str:
     """What a ratio's detail must add when some seeds had no joint run to compare with: their worst is unknown,
     so the value is the worst of the compared seeds only (a folder with one joint seed reads as that seed)."""
-    left = sorted(set(int(s) for s in seeds) - set(int(s) for s in compared))
+    left = sorted({int(s) for s in seeds} - {int(s) for s in compared})
     if not left:
         return ""
     return f" (not compared, no joint run of seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))})"

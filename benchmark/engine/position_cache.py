@@ -1,11 +1,11 @@
 """The stock sine position embeddings, computed once per feature shape instead of once per call.
 
 Why: transformers' ``Mask2FormerSinePositionEmbedding.build_sine_position_embedding`` keeps an
-``lru_cache(maxsize=1)``, and one forward of the model asks for six shapes (the pixel decoder's three levels,
-then the transformer decoder's three), so every call misses and rebuilds the table: 1.1-1.4 ms per forward of a ~75 ms
-training iteration of the ``tiny`` preset on one CPU thread (measured 2026-12-07, README Performance). The
-table depends only on the shape, device and dtype (no mask is ever passed: the pixel decoder's padding masks are
-all false), so caching it changes no value: the stock module computes every entry, bit for bit.
+``lru_cache(maxsize=1)``, and one forward of the model asks for six shapes (the pixel decoder's three levels, then
+the transformer decoder's three), so every call misses and rebuilds the table: 1.1-1.4 ms per forward of a ~75 ms
+training iteration of the ``tiny`` preset on one CPU thread (measured 2026-12-07, README Performance). The table
+depends only on the shape, device and dtype (no mask is ever passed: the pixel decoder's padding masks are all
+false), so caching it changes no value: the stock module computes every entry, bit for bit.
 
 A cache entry made under ``torch.inference_mode`` (evaluation) is an inference tensor, which autograd may not save
 for a later training step, so the mode is part of the key. The cache is per module instance (a model, its frozen
@@ -44,10 +44,7 @@ class CachedSinePositions(nn.Module):
 
 
 def cache_position_embeddings(model: nn.Module) -> None:
-    """Wrap the two position-embedding modules of a transformers ``Mask2FormerModel`` in place."""
-    decoder = model.pixel_level_module.decoder
-    if not isinstance(decoder.position_embedding, CachedSinePositions):
-        decoder.position_embedding = CachedSinePositions(decoder.position_embedding)
-    module = model.transformer_module
-    if not isinstance(module.position_embedder, CachedSinePositions):
-        module.position_embedder = CachedSinePositions(module.position_embedder)
+    """Wrap the two position-embedding modules of a freshly built transformers ``Mask2FormerModel`` in place."""
+    for owner, name in ((model.pixel_level_module.decoder, "position_embedding"),
+                        (model.transformer_module, "position_embedder")):
+        setattr(owner, name, CachedSinePositions(getattr(owner, name)))
