@@ -130,6 +130,19 @@ def test_spec_validation():
         SynthSpec(min_size=100, max_size=90)
     with pytest.raises(ConfigError, match="unknown synthetic dataset option"):
         open_dataset("synth", None, "train", colour="red")
+    with pytest.raises(ConfigError, match="min_things"):
+        SynthSpec(min_things=4, max_things=3)
+
+
+def test_min_things_makes_denser_images_and_leaves_the_default_alone():
+    dense = SynthSpec(min_things=3, max_things=6, thing_scale=(0.15, 0.32))
+    counts = {spec: [len(synth_module.draw_image(spec, "train", i)[2]) for i in range(60)]
+              for spec in (SynthSpec(), dense)}
+    assert max(counts[SynthSpec()]) <= 3 and min(counts[dense]) >= 2 and max(counts[dense]) <= 6
+    assert np.mean(counts[dense]) > np.mean(counts[SynthSpec()]) + 1.5
+    # The default (min_things=1) is the dataset made before the field existed: same key, so same cache folder.
+    assert "min_things" not in SynthSpec().to_config() and dense.to_config()["min_things"] == 3
+    assert dense.folder_name != SynthSpec(max_things=6, thing_scale=(0.15, 0.32)).folder_name
 
 
 def test_synthetic_readers_decode_each_image_once_real_ones_per_call(folder, tmp_path, monkeypatch):
