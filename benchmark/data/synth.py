@@ -78,10 +78,11 @@ class SynthSpec:
     thing_scale: tuple[float, float] = (0.25, 0.5)
     # Things drawn per image: ``min_things`` plus 0-3 more with probabilities 0.2 / 0.35 / 0.3 / 0.15, at most
     # ``max_things``. Denser images (``min_things=3 max_things=6 thing_scale=0.15,0.32``: 4.4 things per image
-    # instead of 2.2) halved the number of final stds above 3 on synth-10-5 at no cost in time, but left the
-    # largest at 8.2 (results/reference-experiments/README.md, 2026-12-07); not the default until measured on
-    # every split. Left out of the cache key and the run config when 1, like ``stuff_classes``, so the default
-    # dataset and every result made before the field existed are unchanged.
+    # instead of 2.2) narrowed the spread over 3 seeds at no cost in time (rms of the final stds 4.46 -> 3.02 on
+    # synth-10-5, 4.97 -> 2.64 on synth-10-2) but left the largest at 8.2 / 7.0 (results/reference-experiments,
+    # 2026-12-07); not the default until the panoptic split and the reference tables are measured under them.
+    # Left out of the cache key and the run config when 1, like ``stuff_classes``, so the default dataset and
+    # every result made before the field existed are unchanged.
     min_things: int = 1
     # synth-pan: how many of the K classes are 'stuff' (protocols.synthetic.stuff_ids); 0 = the semantic /
     # instance dataset, whose stuff is void. Left out of the cache key and the run config when 0, so those
