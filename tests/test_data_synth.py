@@ -140,7 +140,7 @@ def test_min_things_makes_denser_images_and_leaves_the_default_alone():
               for spec in (SynthSpec(), dense)}
     assert max(counts[SynthSpec()]) <= 3 and min(counts[dense]) >= 2 and max(counts[dense]) <= 6
     assert np.mean(counts[dense]) > np.mean(counts[SynthSpec()]) + 1.5
-    # The default (min_things=1) is the dataset made before the field existed: same key, so same cache folder.
+    # min_things=1 stays out of the key, so the default keeps the cache folder and run config it had before.
     assert "min_things" not in SynthSpec().to_config() and dense.to_config()["min_things"] == 3
     assert dense.folder_name != SynthSpec(max_things=6, thing_scale=(0.15, 0.32)).folder_name
 
