@@ -89,16 +89,16 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-pap
 #     increment.warmup_factor=0.001``, one shared step 0, seeds 0-2, 2026-12-06) gave CoMFormer 75.2 +- 2.4 / 30.7 +- 3.8
 #     (novel 8.6 points lower) and PLOP 74.9 +- 3.5 / 48.8 +- 4.9: the spread moved between columns.
 #   * 300 iterations per increment is the time target's choice, not convergence: 600 (batch 8; synth-10-5, seeds
-#     0-2, 2026-12-07) raised the distilling methods' novel mIoU by 15-34 points and cut the final stds above 3
-#     from 12 to 7 of 18 (1200: CoMFormer 85.8 +- 1.0 / 86.1 +- 3.5), but the default run would take ~13.5 min;
-#     600 at batch 4 (same cost as 300 at batch 8) did not help, nor did the cheaper ways to 600 x 8's samples or
-#     step budget (grid loss, 480 validation images, 3 seeds: 300 x batch 16, 1.6x the cost, rms of the stds 3.06;
-#     300 at lr 2e-3, 4.14; 600 x 8: 2.22): the spread falls with the optimiser steps at this rate (README,
-#     calibration section). With the grid loss
-#     and 480 validation images as well, the rms of the 24 final stds fell to 2.52 (4.46), but the default run
-#     took 724.6 s against 462.8 s (2026-12-07): the candidate once the CPU path is ~25 % faster (a
-#     smaller decoder, -20 % per iteration, lost joint's level: 69.6 +- 5.6 all). Over 3 seeds it
-#     brings synth-pan-10-5 to a largest std of 5.3 (7.7) but leaves synth-10-2 at 11.2 (13.2; README).
+#     0-2, 2026-12-07) raised the distilling methods' novel mIoU by 15-34 points and cut the final stds above 3 from
+#     12 to 7 of 18 (1200: CoMFormer 85.8 +- 1.0 / 86.1 +- 3.5), but the default run would take ~13.5 min; 600 at
+#     batch 4 (same cost as 300 at batch 8) did not help, nor did the cheaper ways to 600 x 8's samples or step
+#     budget (grid loss, 480 validation images, 3 seeds: 300 x batch 16, 1.6x the cost, rms of the stds 3.06; 300 at
+#     lr 2e-3, 4.14; 600 x 8: 2.22): the spread falls with the optimiser steps at this rate (README, calibration
+#     section). With the grid loss and 480 validation images as well, the rms of the 24 final stds fell to 2.52
+#     (4.46), but the default run took 724.6 s against 462.8 s (2026-12-07): the candidate once the CPU path is
+#     ~25 % faster (a smaller decoder, -20 % per iteration, lost joint's level: 69.6 +- 5.6 all). Over 3 seeds it
+#     brings synth-pan-10-5 to a largest std of 5.3 (7.7) but leaves synth-10-2 at 11.2 (13.2; README). The
+#     semantic spread's one lever at no cost in time is in the data (``SynthSpec.min_things``; not panoptic's).
 # One iteration takes ~0.08 s on one core (AMD EPYC, 1 thread), and the default run places one run per core
 # (benchmark.parallel.default_jobs).
 _CPU = StepSchedule(iterations=1200, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)
