@@ -78,9 +78,10 @@ class SynthSpec:
     thing_scale: tuple[float, float] = (0.25, 0.5)
     # Things drawn per image: ``min_things`` plus 0-3 more with probabilities 0.2 / 0.35 / 0.3 / 0.15, at most
     # ``max_things``. Denser images (``min_things=3 max_things=6 thing_scale=0.15,0.32``: 4.4 things per image
-    # instead of 2.2) narrowed the spread over 3 seeds at no cost in time (rms of the final stds 4.46 -> 3.02 on
-    # synth-10-5, 4.97 -> 2.64 on synth-10-2) but left the largest at 8.2 / 7.0 (results/reference-experiments,
-    # 2026-12-07), but cost synth-pan-10-5's joint 20 PQ points (53.3, below the >= 60 target): not the default.
+    # instead of 2.2) narrowed the spread over seeds 0-2 at no cost in time (rms of the final stds 4.46 -> 3.02 on
+    # synth-10-5, 4.97 -> 2.64 on synth-10-2; largest 8.2 / 7.0), but cost synth-pan-10-5's joint 20 PQ points
+    # (53.3, below the >= 60 target) and, on synth-15-5 / synth-10-10 with seeds 3-5, left joint itself spread
+    # (all 82.7 / 79.1 / 64.9) and the largest std at 12.6 / 10.6 (results/reference-experiments): not the default.
     # Left out of the cache key and the run config when 1, like ``stuff_classes``, so the default dataset and
     # every result made before the field existed are unchanged.
     min_things: int = 1
