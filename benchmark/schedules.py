@@ -97,8 +97,9 @@ SCHEDULE_NAMES = ("cpu", "paper", "cisdq-paper", "eclipse-paper", "balconpas-pap
 #     section). With the grid loss and 480 validation images as well, the rms of the 24 final stds fell to 2.52
 #     (4.46), but the default run took 724.6 s against 462.8 s (2026-12-07): the candidate once the CPU path is
 #     ~25 % faster (a smaller decoder, -20 % per iteration, lost joint's level: 69.6 +- 5.6 all). Over 3 seeds it
-#     brings synth-pan-10-5 to a largest std of 5.3 (7.7) but leaves synth-10-2 at 11.2 (13.2; README). The
-#     semantic spread's one lever at no cost in time is in the data (``SynthSpec.min_things``; not panoptic's).
+#     brings synth-pan-10-5 to a largest std of 5.3 (7.7) but leaves synth-10-2 at 11.2 (13.2) and, with seeds 3-5,
+#     synth-10-10 at 9.9 (README). Denser images (``SynthSpec.min_things``) narrowed the semantic spread at no cost
+#     in time on synth-10-5 / 10-2 with seeds 0-2, not on synth-15-5 / 10-10 with seeds 3-5 (2026-12-08).
 # One iteration takes ~0.08 s on one core (AMD EPYC, 1 thread), and the default run places one run per core
 # (benchmark.parallel.default_jobs).
 _CPU = StepSchedule(iterations=1200, batch_size=8, lr=1e-3, crop_size=64, eval_size=64)

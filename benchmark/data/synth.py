@@ -58,6 +58,11 @@ STALE_TEMP_SECONDS = 3600
 IMAGE_SALT, DECK_SALT = 0x53594E31, 0x53594E32
 
 
+# Fields added after results existed, with their defaults: left out of the cache key and the run config at the
+# default, so the datasets made before them (and every stored result) keep their folder and configuration.
+LATER_FIELDS = {"min_things": 1, "stuff_classes": 0}
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     """What the generated dataset looks like; every field is part of its cache key.
@@ -82,12 +87,9 @@ class SynthSpec:
     # synth-10-5, 4.97 -> 2.64 on synth-10-2; largest 8.2 / 7.0), but cost synth-pan-10-5's joint 20 PQ points
     # (53.3, below the >= 60 target) and, on synth-15-5 / synth-10-10 with seeds 3-5, left joint itself spread
     # (all 82.7 / 79.1 / 64.9) and the largest std at 12.6 / 10.6 (results/reference-experiments): not the default.
-    # Left out of the cache key and the run config when 1, like ``stuff_classes``, so the default dataset and
-    # every result made before the field existed are unchanged.
     min_things: int = 1
     # synth-pan: how many of the K classes are 'stuff' (protocols.synthetic.stuff_ids); 0 = the semantic /
-    # instance dataset, whose stuff is void. Left out of the cache key and the run config when 0, so those
-    # datasets (and results) are unchanged by the field's existence.
+    # instance dataset, whose stuff is void.
     stuff_classes: int = 0
 
     def __post_init__(self):
@@ -118,13 +120,9 @@ class SynthSpec:
         return self.stuff_classes > 0
 
     def to_config(self) -> dict:
-        """The spec's fields, ``stuff_classes`` and ``min_things`` only when not their defaults (see the fields)."""
-        fields = asdict(self)
-        if not self.stuff_classes:
-            del fields["stuff_classes"]
-        if self.min_things == 1:
-            del fields["min_things"]
-        return fields
+        """The spec's fields, those of ``LATER_FIELDS`` only when they differ from their defaults."""
+        return {name: value for name, value in asdict(self).items()
+                if name not in LATER_FIELDS or value != LATER_FIELDS[name]}
 
     @property
     def folder_name(self) -> str:
